@@ -1,0 +1,1 @@
+"""`python -m bench`: environment, suites, plots and the regression gate."""

@@ -1,0 +1,72 @@
+"""The vocabulary of a benchmark suite: what a case is, what a provider is, and how suites register.
+
+A suite is a function `cases(quick: bool) -> list[Case]` decorated with `@register(name, doc)`.
+Building cases must not touch the GPU: a provider's `setup()` allocates its inputs and returns
+the zero-argument callable to time, and only the harness calls it. That is what lets
+`python -m bench run --dry-run` walk every suite on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation of a case's computation.
+
+    setup: allocates inputs (on the GPU) and returns the callable that is timed.
+    unavailable: returns None when the provider can run here, else the reason it is skipped.
+    """
+
+    name: str
+    setup: Callable[[], Callable[[], object]]
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+@dataclass
+class Case:
+    """One measured configuration, timed once per provider.
+
+    flops / bytes: useful FLOPs and the minimal HBM traffic of one call (each input read once,
+    each output written once); they turn times into TFLOP/s and GB/s.
+    baseline: the provider every other one is compared with (speedup = baseline_ms / provider_ms).
+    x: the key of `params` that is the plot's x axis; series: keys that split cases into figures.
+    cuda_graph: time by CUDA-graph replay (for microsecond kernels where launch gaps dominate).
+    """
+
+    suite: str
+    label: str
+    params: dict
+    flops: float
+    bytes: float
+    providers: list[Provider]
+    baseline: str
+    x: str | None = None
+    series: tuple[str, ...] = ()
+    cuda_graph: bool = False
+    notes: str = ""
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    cases: Callable[[bool], list[Case]]
+    tags: tuple[str, ...] = field(default=())
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def register(name: str, description: str):
+    """Decorator: register `cases(quick) -> list[Case]` as suite `name`."""
+
+    def wrap(fn: Callable[[bool], list[Case]]):
+        if name in SUITES:
+            raise ValueError(f"benchmark suite {name!r} is registered twice")
+        SUITES[name] = Suite(name, description, fn)
+        return fn
+
+    return wrap

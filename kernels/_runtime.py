@@ -1,0 +1,88 @@
+"""What a kernel may assume about the machine it runs on.
+
+Every kernel module asks here before launching Triton code, so the rules for "can this run?"
+live in one place: CUDA present, a Hopper GPU (TMA descriptors and wgmma need sm_90), or the
+Triton interpreter (TRITON_INTERPRET=1), which runs the same kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("golfbench.kernels")
+
+_logged: set[str] = set()
+
+
+def log_once(key: str, message: str) -> None:
+    """Log `message` at INFO the first time `key` is seen (fallback reasons, chosen configs)."""
+    if key not in _logged:
+        _logged.add(key)
+        log.info(message)
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """None when triton and its host-side TMA descriptor import, else the reason."""
+    try:
+        import triton  # noqa: F401
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except Exception as exc:  # any import failure means "use the reference"
+        return f"triton is not usable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def tma_unavailable_reason(device: torch.device) -> str | None:
+    """None when Triton TMA kernels can run on tensors of `device`, else why not.
+
+    On CPU tensors that needs the interpreter; on CUDA it needs compute capability 9.x.
+    """
+    reason = triton_import_error()
+    if reason:
+        return reason
+    if device.type == "cpu":
+        return None if interpreter_active() else "tensors are on the CPU and TRITON_INTERPRET is not set"
+    if device.type != "cuda":
+        return f"device type {device.type!r} is not supported by the Triton kernels"
+    if interpreter_active():
+        return "TRITON_INTERPRET=1 is set but the tensors are on CUDA"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"GPU is sm_{major}{minor}; the TMA kernels are written for Hopper (sm_90)"
+    return None
+
+
+@functools.cache
+def num_sms(device_index: int = 0) -> int:
+    """Streaming multiprocessors of a CUDA device (the persistent grid size); 4 under the interpreter."""
+    if interpreter_active() or not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def check_tma_operand(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming `name` when `t` cannot back a 2-D TMA descriptor.
+
+    TMA needs a row-major 2-D tensor whose row stride is 16-byte aligned and whose base
+    address is 16-byte aligned.
+    """
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D for TMA, got shape {tuple(t.shape)}")
+    if t.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride()})")
+    elem = t.element_size()
+    if (t.stride(0) * elem) % 16:
+        raise ValueError(
+            f"{name}: row stride {t.stride(0)} elements x {elem} B is not a multiple of 16 bytes "
+            f"(dim {t.shape[1]} must be a multiple of {16 // elem})"
+        )
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}: base address is not 16-byte aligned (a misaligned view?)")
