@@ -47,12 +47,12 @@ def fused_mlp_ref(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> 
 # (4 x 48 KiB + a 32 KiB store tile), the backward also stages a post tile, so it keeps 3.
 # Measured on the device: see README "Fused MLP" (bench suite `mlp`).
 _H100_CONFIG = {
-    True: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    False: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    True: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, CTAS_PER_SM=1),
+    False: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, CTAS_PER_SM=1),
 }
 # Under the interpreter: small tiles, so the CPU tests exercise many tiles per persistent program,
 # ragged edges in M and N, and several K steps.
-_INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)
+_INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1, CTAS_PER_SM=1)
 
 
 @triton.jit
@@ -102,14 +102,14 @@ def _mlp_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    NUM_SMS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     HALF_N: tl.constexpr = BLOCK_N // 2
     # Row-major tile order: all of B (<= 2048 x 512) stays in L2, so grouping along M buys nothing.
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
         offs_m = (tile // num_pid_n) * BLOCK_M
         offs_n = (tile % num_pid_n) * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -141,11 +141,11 @@ def _launch(a, b, post, out, signs, forward: bool) -> None:
     b_desc = TensorDescriptor.from_tensor(b, [bn, bk])
     post_desc = TensorDescriptor.from_tensor(post, [bm, bn // 2])
     out_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2])
-    sms = num_sms(a.device.index or 0)
-    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    programs = num_sms(a.device.index or 0) * cfg.pop("CTAS_PER_SM")
+    grid = (min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     _mlp_gemm_kernel[grid](
         a_desc, b_desc, post_desc, out_desc, signs, M, N, K, signs.shape[1],
-        FORWARD=forward, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_SMS=sms, **cfg,
+        FORWARD=forward, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=grid[0], **cfg,
     )  # fmt: skip
 
 
@@ -201,6 +201,9 @@ def _(grad_out, w_down, post, signs):
 def _setup_context(ctx, inputs, output):
     x, w_up, w_down = inputs
     _, post, signs = output
+    # post and signs are saved activations, not outputs anyone differentiates: without this,
+    # autograd would materialise a zero M x N gradient for post in every backward.
+    ctx.mark_non_differentiable(post, signs)
     ctx.save_for_backward(x, w_up, w_down, post, signs)
 
 
@@ -267,7 +270,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def _check_shapes(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
     if w_up.dim() != 2 or w_down.dim() != 2:
-        raise ValueError(f"fused_mlp: weights must be 2-D, got w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)}")
+        shapes = f"w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)}"
+        raise ValueError(f"fused_mlp: weights must be 2-D, got {shapes}")
     K, N = x.shape[-1], w_up.shape[0]
     if w_up.shape[1] != K:
         raise ValueError(f"fused_mlp: w_up.shape[1] = {w_up.shape[1]} does not match K = x.shape[-1] = {K}")

@@ -1,0 +1,155 @@
+"""Fused MLP (kernels/mlp.py) against cuBLAS, torch.compile of the unfused math, and eager.
+
+Kernel-level modes (the two Triton kernels alone):
+  up+act    post = leaky_relu(x @ w_up.T, 0.5)^2       bar: the cuBLAS GEMM x @ w_up.T alone
+  act-grad  dpre = (dY @ w_down) * f'(pre)             bar: the cuBLAS GEMM dY @ w_down alone
+Whole-MLP modes (up, activation, down and all three gradients):
+  fwd, bwd, fwd+bwd                                    bar: the same GEMMs in cuBLAS, nothing else
+Baseline for every ratio: torch.compile of the unfused math (the honest competitor).
+Shapes: K = 512, N = 2048 and M in {16384, 65536, 98304} tokens (98304 = one record micro-batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kernels.mlp as mlp
+from bench.registry import Case, Provider, register
+
+K, N = 512, 2048
+BF16 = 2  # bytes
+
+
+def _cuda_reason() -> str | None:
+    return None if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+def _ours_reason() -> str | None:
+    return _cuda_reason() or mlp._platform_blocker("cuda", 0)
+
+
+def _operands(M: int, requires_grad: bool = False):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w_up = (torch.randn(N, K, device="cuda") / K**0.5).bfloat16()
+    w_down = (torch.randn(K, N, device="cuda") / N**0.5).bfloat16()
+    g = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    if requires_grad:
+        for t in (x, w_up, w_down):
+            t.requires_grad_()
+    return x, w_up, w_down, g
+
+
+def _up_act(x, w_up):
+    return F.leaky_relu(x @ w_up.t(), 0.5).square()
+
+
+def _act_grad(g, w_down, pre):
+    return (g @ w_down) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+
+
+def _kernel_setup(M: int, mode: str, provider: str):
+    def setup():
+        x, w_up, w_down, g = _operands(M)
+        if mode == "up+act":
+            if provider == "cublas":
+                return lambda: x @ w_up.t()
+            if provider == "ours":
+                post = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+                signs = torch.empty(M, mlp._sign_words(N), device="cuda", dtype=torch.int32)
+                return lambda: mlp._launch(x, w_up, post, post, signs, forward=True)
+            fn = torch.compile(_up_act) if provider == "compile" else _up_act
+            return lambda: fn(x, w_up)
+        # act-grad: the saved state each provider would have from its own forward
+        if provider == "cublas":
+            return lambda: g @ w_down
+        if provider == "ours":
+            _, post, signs = mlp._fused_mlp_fwd(x, w_up, w_down)
+            dpre = torch.empty_like(post)
+            w_down_t = w_down.t().contiguous()
+            return lambda: mlp._launch(g, w_down_t, post, dpre, signs, forward=False)
+        pre = x @ w_up.t()
+        fn = torch.compile(_act_grad) if provider == "compile" else _act_grad
+        return lambda: fn(g, w_down, pre)
+
+    return setup
+
+
+def _gemms_only(mode: str, x, w_up, w_down, g):
+    """The whole MLP's GEMMs in cuBLAS with no activation work: the floor for any fusion."""
+    h = x @ w_up.t()
+
+    def fwd():
+        return (x @ w_up.t()) @ w_down.t()
+
+    def bwd():
+        dpre = g @ w_down
+        return dpre @ w_up, dpre.t() @ x, g.t() @ h
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": lambda: (fwd(), bwd())}[mode]
+
+
+def _whole_setup(M: int, mode: str, provider: str):
+    def setup():
+        x, w_up, w_down, g = _operands(M, requires_grad=provider != "cublas")
+        if provider == "cublas":
+            return _gemms_only(mode, x.detach(), w_up.detach(), w_down.detach(), g)
+        if provider == "ours":
+            fn = lambda a, b, c: mlp.fused_mlp(a, b, c, impl="triton")
+        else:
+            fn = torch.compile(mlp.fused_mlp_ref) if provider == "compile" else mlp.fused_mlp_ref
+        inputs = (x, w_up, w_down)
+        if mode == "fwd":
+            return lambda: fn(*inputs)
+        if mode == "fwd+bwd":
+            return lambda: torch.autograd.grad(fn(*inputs), inputs, g)
+        out = fn(*inputs)  # bwd alone: one forward, then time backward passes over its graph
+        return lambda: torch.autograd.grad(out, inputs, g, retain_graph=True)
+
+    return setup
+
+
+# FLOPs of one call, in units of one M x N x K GEMM (2*M*N*K)
+GEMMS = {"up+act": 1, "act-grad": 1, "fwd": 2, "bwd": 4, "fwd+bwd": 6}
+
+
+def _min_bytes(mode: str, M: int) -> float:
+    """Inputs read once and outputs written once; a backward must read at least one saved M x N tensor."""
+    x, w, h = M * K, N * K, M * N
+    elems = {
+        "up+act": x + w + h,
+        "act-grad": x + w + 2 * h,
+        "fwd": 2 * x + 2 * w,
+        "bwd": 3 * x + 4 * w + h,
+        "fwd+bwd": 3 * x + 4 * w,
+    }[mode]
+    return BF16 * elems
+
+
+@register("mlp", "Fused MLP kernels vs cuBLAS, torch.compile and eager (K=512, N=2048, bf16)")
+def cases(quick: bool) -> list[Case]:
+    sizes = [16384, 98304] if quick else [16384, 65536, 98304]
+    out = []
+    for mode in GEMMS:
+        kernel_mode = mode in ("up+act", "act-grad")
+        make = _kernel_setup if kernel_mode else _whole_setup
+        for M in sizes:
+            providers = [
+                Provider(name, make(M, mode, name), _ours_reason if name == "ours" else _cuda_reason)
+                for name in ("eager", "compile", "cublas", "ours")
+            ]
+            out.append(
+                Case(
+                    suite="mlp",
+                    label=f"{mode} M={M}",
+                    params={"mode": mode, "M": M, "K": K, "N": N},
+                    flops=GEMMS[mode] * 2.0 * M * N * K,
+                    bytes=_min_bytes(mode, M),
+                    providers=providers,
+                    baseline="compile",
+                    x="M",
+                    series=("mode",),
+                    notes="cublas = the GEMM(s) alone, no activation work",
+                )
+            )
+    return out
