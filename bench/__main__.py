@@ -1,0 +1,206 @@
+"""python -m bench env | run | plot | gate
+
+python -m bench env [--measure-ceilings] [--json]      what this machine is (and its ceilings)
+python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> results/<time>-<sha>/ JSON + CSV
+python -m bench plot RESULTS.json ... [--out DIR]      PNGs per suite and metric
+python -m bench gate [--update] [--threshold PCT]      pytest-benchmark regression gate (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import harness
+from bench.env import collect_env, format_env
+from bench.registry import SUITES
+
+
+def cmd_env(args) -> int:
+    env = collect_env()
+    if args.measure_ceilings:
+        if torch.cuda.is_available():
+            env["ceilings"] = harness.measure_ceilings()
+        else:
+            env["ceilings_skipped"] = f"needs a CUDA GPU ({env['no_gpu_reason']})"
+    if args.json:
+        print(json.dumps(env, indent=1))
+        return 0
+    print(format_env(env))
+    if env["gpu"] is None:
+        skipped = "GPU name, SMs, L2, driver, datasheet peaks"
+        if args.measure_ceilings:
+            skipped += ", the matmul and copy ceilings"
+        print(f"skipped       {skipped}: no CUDA GPU ({env['no_gpu_reason']})")
+    return 0
+
+
+def _load_suites(names: list[str]) -> list[str] | None:
+    import bench.suites  # noqa: F401  (registers every suite)
+
+    if not names:
+        return sorted(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(
+            f"bench run: unknown suite(s) {unknown}; registered: {', '.join(sorted(SUITES))}", file=sys.stderr
+        )
+        return None
+    return names
+
+
+def _explain_no_gpu(names: list[str], quick: bool, reason: str) -> None:
+    print(f"bench run: no CUDA GPU ({reason}): NOTHING WAS TIMED and no results were written.")
+    print("Skipped (suite: cases -> why):")
+    for suite, cases, error in harness.build_cases(names, quick):
+        if error:
+            print(f"  {suite}: building its cases failed: {error}")
+            continue
+        reasons = {}
+        for case in cases:
+            for p in case.providers:
+                try:
+                    why = p.unavailable() or "needs a CUDA GPU to time"
+                except Exception as exc:
+                    why = f"unavailable() raised {type(exc).__name__}: {exc}"
+                reasons.setdefault(why, set()).add(p.name)
+        labels = ", ".join(c.label for c in cases)
+        print(f"  {suite}: {len(cases)} case(s) [{labels}]")
+        for why, provs in sorted(reasons.items()):
+            print(f"      {', '.join(sorted(provs))}: {why}")
+    print(
+        "To walk every suite end to end without a GPU (fake timings, JSON + CSV written):\n"
+        "    python -m bench run --dry-run"
+    )
+
+
+def cmd_run(args) -> int:
+    names = _load_suites(args.suites)
+    if names is None:
+        return 2
+    providers = set(args.providers.split(",")) if args.providers else None
+    env = collect_env()
+    if not env["cuda_available"] and not args.dry_run:
+        _explain_no_gpu(names, args.quick, env["no_gpu_reason"])
+        return 0
+    now = dt.datetime.now(dt.timezone.utc)
+    timing = harness.Timing.for_mode(args.quick)
+    env.update(
+        dry_run=args.dry_run,
+        quick=args.quick,
+        suites=names,
+        providers=sorted(providers) if providers else None,
+        timestamp=now.isoformat(timespec="seconds"),
+        timing={"method": "triton.testing.do_bench", "quantiles": harness.QUANTILES, **vars(timing)},
+        command=" ".join(["python -m bench", *sys.argv[1:]]),
+    )
+    if args.dry_run:
+        print("bench run --dry-run: FAKE TIMINGS; providers are not set up and nothing is measured")
+    else:
+        print("measuring the ceilings (8192^3 bf16 matmul, 2 GiB device copy) ...", flush=True)
+    env["ceilings"] = harness.measure_ceilings(fake=args.dry_run)
+    c = env["ceilings"]
+    fake = " (FAKE)" if c["fake"] else ""
+    print(f"ceilings: {c['matmul_tflops']:.1f} TFLOP/s, {c['copy_gbps']:.1f} GB/s{fake}")
+    log = lambda msg: print(msg, flush=True)
+    records = harness.run_suites(
+        names, quick=args.quick, dry_run=args.dry_run, providers=providers, ceilings=c, timing=timing, log=log
+    )
+    if providers:
+        known = {r["provider"] for r in records}
+        for p in sorted(providers - known):
+            print(f"note: no case has a provider named {p!r}")
+
+    from bench.results import format_table, make_results, write_results
+
+    results = make_results(env, records)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out) if args.out else Path("results") / f"{stamp}-{env['git']['short_sha']}"
+    stem = "results" if not (out / "results.json").exists() else f"results-{stamp}"
+    json_path, csv_path = write_results(results, out, stem)
+    print(f"wrote {json_path} and {csv_path}")
+    errors = [r for r in records if r["status"] == "error"]
+    for r in errors:
+        print(f"ERROR {r['suite']}/{r['case']}/{r['provider']}: {r['reason']}")
+    print()
+    print(format_table(results))
+    return 1 if errors else 0
+
+
+def cmd_plot(args) -> int:
+    from bench.plot import plot_results
+
+    out = Path(args.out) if args.out else Path(args.results[0]).parent / "plots"
+    try:
+        written = plot_results(args.results, out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"bench plot: {exc}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    if not written:
+        print("bench plot: no successful records to plot (all skipped or errors?)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_gate(args) -> int:
+    from bench.gate import run_gate
+
+    kwargs = {"baselines": args.baselines} if args.baselines else {}
+    return run_gate(update=args.update, threshold=args.threshold, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench.gate import BASELINES_DIR, DEFAULT_THRESHOLD_PCT
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("env", help="describe the machine: GPU, SMs, L2, driver, versions, git sha, peaks")
+    p.add_argument(
+        "--measure-ceilings", action="store_true", help="time an 8192^3 bf16 matmul and a 2 GiB copy"
+    )
+    p.add_argument("--json", action="store_true", help="print the environment as JSON")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("run", help="time benchmark suites; writes JSON + CSV and prints a table")
+    p.add_argument("suites", nargs="*", help="suites to run (default: all registered)")
+    p.add_argument("--out", help="output folder (default results/<UTC time>-<git sha>/)")
+    p.add_argument("--dry-run", action="store_true", help="no GPU: build every case, fake timings (marked)")
+    p.add_argument("--quick", action="store_true", help="fewer cases and shorter timing")
+    p.add_argument(
+        "--providers", help="comma-separated providers to time (each case's baseline is always timed)"
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plot", help="PNG plots from results JSON files")
+    p.add_argument("results", nargs="+", help="results JSON files (several: overlaid, e.g. two runs)")
+    p.add_argument("--out", help="output folder (default: <folder of the first file>/plots)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("gate", help="perf regression gate over tests/perf (pytest-benchmark, GPU)")
+    p.add_argument("--update", action="store_true", help="store the timings as this GPU's new baseline")
+    p.add_argument(
+        "--threshold",
+        type=int,
+        default=DEFAULT_THRESHOLD_PCT,
+        help=f"fail when a median is more than this many percent slower (default {DEFAULT_THRESHOLD_PCT})",
+    )
+    p.add_argument("--baselines", help=f"baseline folder (default {BASELINES_DIR})")
+    p.set_defaults(func=cmd_gate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Timing, ceilings and the record of one (case, provider) measurement.
+
+Every time is `triton.testing.do_bench` (or `do_bench_cudagraph` for microsecond kernels) with
+quantiles (0.5, 0.2, 0.8): the median is reported with its p20-p80 spread, never the mean.
+do_bench flushes L2 before each call, so bandwidth figures are HBM figures. Each figure is also a
+ratio: speedup against the case's baseline timed in the same run, and % of the two ceilings
+(an 8192^3 bf16 matmul and a large device-to-device copy) measured at the start of the run.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from bench.registry import SUITES, Case, Provider
+
+QUANTILES = [0.5, 0.2, 0.8]
+
+CEILING_MATMUL_N = 8192
+CEILING_COPY_BYTES = 2 * 2**30  # 2 GiB read + 2 GiB written: far past L2, launch cost negligible
+
+# Fake numbers for --dry-run: plausible H100 figures so tables and plots look like real ones.
+FAKE_MATMUL_TFLOPS = 750.0
+FAKE_COPY_GBPS = 3000.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """do_bench settings in ms: warm-up time and measured repetition time per provider."""
+
+    warmup_ms: int = 25
+    rep_ms: int = 100
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Timing:
+        return cls(10, 40) if quick else cls()
+
+
+def bench_ms(fn: Callable[[], object], *, cuda_graph: bool = False, timing: Timing = Timing()):
+    """(median, p20, p80) milliseconds of one call of `fn`."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if cuda_graph:
+        out = do_bench_cudagraph(fn, rep=timing.rep_ms, quantiles=QUANTILES)
+    else:
+        out = do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, quantiles=QUANTILES)
+    median, p20, p80 = (float(v) for v in out)
+    return median, p20, p80
+
+
+def free_cuda_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_ceilings(*, fake: bool = False, timing: Timing = Timing(warmup_ms=50, rep_ms=300)) -> dict:
+    """Compute and bandwidth ceilings of this GPU, measured the same way as every provider."""
+    n = CEILING_MATMUL_N
+    flops = 2.0 * n**3
+    copy_bytes = 2 * CEILING_COPY_BYTES  # read + write
+    if fake:
+        mm = (flops / FAKE_MATMUL_TFLOPS / 1e9,) * 3
+        cp = (copy_bytes / FAKE_COPY_GBPS / 1e6,) * 3
+    else:
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        mm = bench_ms(lambda: torch.mm(a, b), timing=timing)
+        del a, b
+        free_cuda_memory()
+        src = torch.randint(0, 256, (CEILING_COPY_BYTES,), device="cuda", dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        cp = bench_ms(lambda: dst.copy_(src), timing=timing)
+        del src, dst
+        free_cuda_memory()
+    return {
+        "fake": fake,
+        "matmul_shape": f"{n}x{n}x{n}",
+        "matmul_ms": mm[0],
+        "matmul_tflops": flops / mm[0] / 1e9,
+        "matmul_tflops_p20": flops / mm[1] / 1e9,
+        "matmul_tflops_p80": flops / mm[2] / 1e9,
+        "copy_bytes": CEILING_COPY_BYTES,
+        "copy_ms": cp[0],
+        "copy_gbps": copy_bytes / cp[0] / 1e6,
+        "copy_gbps_p20": copy_bytes / cp[1] / 1e6,
+        "copy_gbps_p80": copy_bytes / cp[2] / 1e6,
+    }
+
+
+def fake_timing(case: Case, provider: str) -> tuple[float, float, float]:
+    """Deterministic stand-in for a measurement (--dry-run): a roofline time, varied per provider."""
+    ideal_s = max(case.flops / (FAKE_MATMUL_TFLOPS * 1e12), case.bytes / (FAKE_COPY_GBPS * 1e9), 4e-6)
+    h = zlib.crc32(f"{case.suite}/{case.label}/{provider}".encode())
+    factor = 1.15 if provider == case.baseline else 0.8 + (h % 60) / 100
+    median = ideal_s * 1e3 * factor
+    return median, median * 0.98, median * 1.03
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int:
+    """Memory one call allocates at its peak, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return int(peak)
+
+
+def new_record(case: Case, provider: str) -> dict:
+    return {
+        "suite": case.suite,
+        "case": case.label,
+        "provider": provider,
+        "baseline": case.baseline,
+        "is_baseline": provider == case.baseline,
+        "params": dict(case.params),
+        "x": case.x,
+        "series": list(case.series),
+        "flops": float(case.flops),
+        "bytes": float(case.bytes),
+        "cuda_graph": case.cuda_graph,
+        "notes": case.notes,
+        "status": "ok",
+        "reason": None,
+        "fake": False,
+        "median_ms": None,
+        "p20_ms": None,
+        "p80_ms": None,
+        "peak_mem_bytes": None,
+        "tflops": None,
+        "gbps": None,
+        "pct_matmul_ceiling": None,
+        "pct_copy_ceiling": None,
+        "tokens_per_s": None,
+        "speedup": None,
+    }
+
+
+def fill_rates(rec: dict, ceilings: dict) -> None:
+    """Throughputs and ratios from the timing already in `rec` (speedup is set per case)."""
+    ms = rec["median_ms"]
+    if rec["flops"] > 0:
+        rec["tflops"] = rec["flops"] / ms / 1e9
+        rec["pct_matmul_ceiling"] = 100.0 * rec["tflops"] / ceilings["matmul_tflops"]
+    if rec["bytes"] > 0:
+        rec["gbps"] = rec["bytes"] / ms / 1e6
+        rec["pct_copy_ceiling"] = 100.0 * rec["gbps"] / ceilings["copy_gbps"]
+    if "tokens" in rec["params"]:
+        rec["tokens_per_s"] = rec["params"]["tokens"] / (ms / 1e3)
+
+
+def measure_provider(case: Case, provider: Provider, ceilings: dict, *, dry_run: bool, timing: Timing):
+    """The record of one provider on one case; never raises for a provider's failure."""
+    rec = new_record(case, provider.name)
+    if dry_run:
+        rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = fake_timing(case, provider.name)
+        rec["fake"] = True
+        fill_rates(rec, ceilings)
+        return rec
+    fn = None
+    try:
+        reason = provider.unavailable()
+        if reason:
+            rec.update(status="skipped", reason=str(reason))
+            return rec
+        fn = provider.setup()
+        rec["peak_mem_bytes"] = peak_memory_bytes(fn)  # also the first call: compiles and autotunes
+        rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = bench_ms(
+            fn, cuda_graph=case.cuda_graph, timing=timing
+        )
+        fill_rates(rec, ceilings)
+    except Exception as exc:  # one broken provider must not end the run
+        rec.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip()[:2000])
+        for key in ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "tokens_per_s"):
+            rec[key] = None
+    finally:
+        del fn
+        free_cuda_memory()
+    return rec
+
+
+def set_speedups(records: list[dict]) -> None:
+    base = next((r for r in records if r["is_baseline"] and r["status"] == "ok"), None)
+    for r in records:
+        if base is not None and r["status"] == "ok":
+            r["speedup"] = base["median_ms"] / r["median_ms"]
+
+
+def build_cases(names: Iterable[str], quick: bool) -> list[tuple[str, list[Case] | None, str | None]]:
+    """(suite, cases, error) per suite; a suite whose case builder raises gets its error instead."""
+    out = []
+    for name in names:
+        try:
+            out.append((name, list(SUITES[name].cases(quick)), None))
+        except Exception as exc:
+            out.append((name, None, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def run_suites(
+    names: list[str],
+    *,
+    quick: bool,
+    dry_run: bool,
+    providers: set[str] | None = None,
+    ceilings: dict,
+    timing: Timing,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Records for every (case, provider) of the named suites, in order; baselines first per case.
+
+    `providers` restricts which providers run; a case's baseline is always timed so that every
+    figure keeps its ratio.
+    """
+    records: list[dict] = []
+    for suite, cases, error in build_cases(names, quick):
+        if error is not None:
+            log(f"[{suite}] building the cases failed: {error}")
+            rec = new_record(Case(suite, "<cases()>", {}, 0.0, 0.0, [], baseline=""), provider="<none>")
+            rec.update(status="error", reason=f"cases() raised {error}")
+            records.append(rec)
+            continue
+        for case in cases:
+            chosen = [
+                p
+                for p in case.providers
+                if providers is None or p.name in providers or p.name == case.baseline
+            ]
+            chosen.sort(key=lambda p: p.name != case.baseline)
+            case_records = []
+            for provider in chosen:
+                t0 = time.perf_counter()
+                rec = measure_provider(case, provider, ceilings, dry_run=dry_run, timing=timing)
+                case_records.append(rec)
+                what = (
+                    f"{rec['median_ms']:.4f} ms"
+                    if rec["status"] == "ok"
+                    else f"{rec['status']}: {rec['reason']}"
+                )
+                log(f"[{suite}] {case.label} | {provider.name}: {what} ({time.perf_counter() - t0:.1f} s)")
+            set_speedups(case_records)
+            records.extend(case_records)
+    return records

@@ -1,0 +1,158 @@
+"""Results files: JSON schema round trip, CSV consistent with the JSON, harness record logic, plots."""
+
+import json
+import math
+
+import pytest
+
+from bench import harness
+from bench.env import collect_env
+from bench.plot import plot_results
+from bench.registry import Case, Provider
+from bench.results import REQUIRED_RECORD_KEYS, SCHEMA, make_results, read_csv, read_results, write_results
+
+
+def _never_called():
+    raise AssertionError("--dry-run must not set providers up")
+
+
+def synthetic_results(dry_run: bool = True, seed_label: str = "a") -> dict:
+    """A small results object from the harness's own record code: 2 series x 3 sizes x 2 providers."""
+    cases = [
+        Case(
+            suite="synth",
+            label=f"{mode} n={n}",
+            params={"n": n, "mode": mode, "tokens": 4 * n},
+            flops=2.0 * n**3,
+            bytes=6.0 * n * n,
+            providers=[Provider("ref", _never_called), Provider(f"ours-{seed_label}", _never_called)],
+            baseline="ref",
+            x="n",
+            series=("mode",),
+        )
+        for mode in ("fwd", "bwd")
+        for n in (256, 1024, 4096)
+    ]
+    ceilings = harness.measure_ceilings(fake=True)
+    records = []
+    for case in cases:
+        recs = [
+            harness.measure_provider(case, p, ceilings, dry_run=True, timing=harness.Timing())
+            for p in case.providers
+        ]
+        harness.set_speedups(recs)
+        records += recs
+    env = collect_env() | {"ceilings": ceilings, "dry_run": dry_run, "timestamp": "2026-01-01T00:00:00+00:00"}
+    return make_results(env, records)
+
+
+def test_json_round_trip(tmp_path):
+    results = synthetic_results()
+    json_path, _ = write_results(results, tmp_path / "out")
+    back = read_results(json_path)
+    assert back == json.loads(json.dumps(results))
+    assert back["schema"] == SCHEMA
+    assert len(back["records"]) == 12
+    for rec in back["records"]:
+        assert set(REQUIRED_RECORD_KEYS) <= set(rec)
+        assert rec["fake"] is True and rec["status"] == "ok"
+        assert math.isclose(rec["tflops"], rec["flops"] / rec["median_ms"] / 1e9)
+        assert math.isclose(rec["tokens_per_s"], rec["params"]["tokens"] / rec["median_ms"] * 1e3)
+        base = next(r for r in back["records"] if r["case"] == rec["case"] and r["is_baseline"])
+        assert math.isclose(rec["speedup"], base["median_ms"] / rec["median_ms"])
+    # not every provider equals the baseline: the speedups actually vary
+    assert len({round(r["speedup"], 6) for r in back["records"]}) > 1
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: r.update(schema="other/1"), "not a golfbench results file"),
+        (lambda r: r["env"].pop("ceilings"), "env lacks"),
+        (lambda r: r["records"][3].pop("median_ms"), "record 3"),
+        (lambda r: r["records"][0].update(status="fine"), "status"),
+    ],
+)
+def test_validation_names_the_problem(tmp_path, damage, message):
+    results = synthetic_results()
+    json_path, _ = write_results(results, tmp_path)
+    obj = json.loads(json_path.read_text())
+    damage(obj)
+    json_path.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match=message):
+        read_results(json_path)
+
+
+def test_csv_matches_json(tmp_path):
+    results = synthetic_results()
+    results["records"][1].update(status="error", reason="RuntimeError: boom, with a comma", median_ms=None)
+    results["records"][1].update(p20_ms=None, p80_ms=None, tflops=None, gbps=None, speedup=None)
+    json_path, csv_path = write_results(results, tmp_path)
+    rows = read_csv(csv_path)
+    records = read_results(json_path)["records"]
+    assert len(rows) == len(records)
+    for row, rec in zip(rows, records):
+        for key in ("suite", "case", "provider", "status", "baseline"):
+            assert row[key] == str(rec[key])
+        for key in ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "speedup", "tokens_per_s"):
+            if rec[key] is None:
+                assert row[key] == ""
+            else:
+                assert float(row[key]) == rec[key]  # exact: the CSV holds the JSON's numbers
+        assert int(row["param.n"]) == rec["params"]["n"] and row["param.mode"] == rec["params"]["mode"]
+    assert rows[1]["reason"] == "RuntimeError: boom, with a comma"
+
+
+def test_skipped_and_failing_providers_get_records():
+    def broken_setup():
+        raise RuntimeError("setup exploded")
+
+    case = Case(
+        "synth",
+        "one",
+        {"n": 1},
+        1.0,
+        1.0,
+        [
+            Provider("ref", broken_setup),
+            Provider("absent", _never_called, lambda: "needs a Blackwell GPU"),
+        ],
+        baseline="ref",
+    )
+    ceilings = harness.measure_ceilings(fake=True)
+    err, skip = (
+        harness.measure_provider(case, p, ceilings, dry_run=False, timing=harness.Timing())
+        for p in case.providers
+    )
+    assert err["status"] == "error" and "setup exploded" in err["reason"] and err["median_ms"] is None
+    assert skip["status"] == "skipped" and skip["reason"] == "needs a Blackwell GPU"
+    harness.set_speedups([err, skip])
+    assert err["speedup"] is None and skip["speedup"] is None
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_per_suite_series_and_metric(tmp_path):
+    run1, _ = write_results(synthetic_results(seed_label="a"), tmp_path / "run1")
+    run2, _ = write_results(synthetic_results(seed_label="b"), tmp_path / "run2")
+    written = plot_results([run1, run2], tmp_path / "plots")
+    names = sorted(p.name for p in written)
+    # series "mode" splits the 6 cases into two figures; flops > 0 -> a TFLOP/s plot
+    assert names == sorted(
+        f"synth-mode_{m}-{metric}.png"
+        for m in ("fwd", "bwd")
+        for metric in ("median_ms", "tflops", "speedup")
+    )
+    for p in written:
+        data = p.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, p
+
+
+def test_plot_skips_failed_records(tmp_path):
+    results = synthetic_results()
+    for r in results["records"]:
+        r.update(status="skipped", reason="no GPU", median_ms=None)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    assert plot_results([path], tmp_path / "plots") == []
