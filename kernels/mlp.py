@@ -76,17 +76,26 @@ def _store_post_and_signs(c, post_desc, signs_ptr, offs_m, offs_n, M, n_words, H
 
 
 @triton.jit
-def _store_grad(c, post_desc, out_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N: tl.constexpr):
-    """Backward epilogue for one half tile: dpre = c * f'(pre), f' rebuilt from post and the sign bits."""
-    rows = offs_m + tl.arange(0, c.shape[0])
+def _load_saved(
+    post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """The saved state of one half tile: post (TMA) and its sign words."""
+    rows = offs_m + tl.arange(0, BLOCK_M)
     cols = offs_n // 32 + tl.arange(0, HALF_N // 32)
     mask = (rows[:, None] < M) & (cols[None, :] < n_words)
     words = tl.load(signs_ptr + rows[:, None] * n_words + cols[None, :], mask=mask, other=0)
-    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
-    positive = tl.reshape(bits, (c.shape[0], HALF_N)) != 0
-    root = tl.sqrt(post_desc.load([offs_m, offs_n]).to(tl.float32))
-    dpre = c * tl.where(positive, 2.0 * root, -root)
-    out_desc.store([offs_m, offs_n], dpre.to(out_desc.dtype))
+    return post_desc.load([offs_m, offs_n]), words
+
+
+@triton.jit
+def _act_grad(c, post, words, HALF_N: tl.constexpr):
+    """dpre = c * f'(pre) for one half tile, f' rebuilt from post and the sign bits."""
+    # bit j of a word -> the int32 sign bit, so "positive" is one shift and one compare
+    positive = (
+        tl.reshape(words[:, :, None] << (31 - tl.arange(0, 32))[None, None, :], (c.shape[0], HALF_N)) < 0
+    )
+    root = tl.sqrt(post.to(tl.float32))
+    return c * tl.where(positive, 2.0 * root, -root)
 
 
 @triton.jit
@@ -125,9 +134,11 @@ def _mlp_gemm_kernel(
         if FORWARD:
             _store_post_and_signs(c0, post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N)
             _store_post_and_signs(c1, post_desc, signs_ptr, offs_m, offs_n + HALF_N, M, n_words, HALF_N)
-        else:
-            _store_grad(c0, post_desc, out_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N)
-            _store_grad(c1, post_desc, out_desc, signs_ptr, offs_m, offs_n + HALF_N, M, n_words, HALF_N)
+        else:  # both halves' saved state is requested before either is used: one exposed latency
+            p0, w0 = _load_saved(post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N, BLOCK_M)
+            p1, w1 = _load_saved(post_desc, signs_ptr, offs_m, offs_n + HALF_N, M, n_words, HALF_N, BLOCK_M)
+            out_desc.store([offs_m, offs_n], _act_grad(c0, p0, w0, HALF_N).to(out_desc.dtype))
+            out_desc.store([offs_m, offs_n + HALF_N], _act_grad(c1, p1, w1, HALF_N).to(out_desc.dtype))
 
 
 def _config(forward: bool) -> dict:
