@@ -19,7 +19,11 @@ _logged: set[str] = set()
 
 
 def log_once(key: str, message: str) -> None:
-    """Log `message` at INFO the first time `key` is seen (fallback reasons, chosen configs)."""
+    """Log `message` at INFO the first time `key` is seen (fallback reasons, chosen configs).
+
+    A no-op while torch.compile traces: logging there would be a side effect in the graph."""
+    if torch.compiler.is_compiling():
+        return
     if key not in _logged:
         _logged.add(key)
         log.info(message)
@@ -58,6 +62,18 @@ def tma_unavailable_reason(device: torch.device) -> str | None:
     if major != 9:
         return f"GPU is sm_{major}{minor}; the TMA kernels are written for Hopper (sm_90)"
     return None
+
+
+@torch.compiler.assume_constant_result
+def platform_blocker(device_type: str, device_index: int = 0) -> str | None:
+    """tma_unavailable_reason() for a device given as constants (`t.device.type, t.device.index or 0`).
+
+    torch.compile evaluates it once at trace time and folds the answer into the graph, so the
+    kernels' dispatch costs no graph break and no guard on the environment.
+    """
+    if device_type == "cuda":
+        return tma_unavailable_reason(torch.device("cuda", device_index))
+    return tma_unavailable_reason(torch.device(device_type))
 
 
 @functools.cache

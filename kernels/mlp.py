@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import interpreter_active, log_once, num_sms, tma_unavailable_reason
+from ._runtime import interpreter_active, log_once, num_sms, platform_blocker
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -247,13 +247,6 @@ _fused_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
-@torch.compiler.assume_constant_result
-def _platform_blocker(device_type: str, device_index: int) -> str | None:
-    # Constant under torch.compile: evaluated once at trace time, never a graph break.
-    device = torch.device(device_type, device_index) if device_type == "cuda" else torch.device(device_type)
-    return tma_unavailable_reason(device)
-
-
 def _shape_blocker(x2d: torch.Tensor, w_up: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take operands of this dtype and shape (names the dim), or None.
 
@@ -319,14 +312,13 @@ def fused_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, impl: s
     w_up, w_down = w_up.contiguous(), w_down.contiguous()
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    blocker = _platform_blocker(x.device.type, x.device.index or 0) or _shape_blocker(x2d, w_up)
+    blocker = platform_blocker(x.device.type, x.device.index or 0) or _shape_blocker(x2d, w_up)
     if blocker is None and not torch.compiler.is_compiling():
         blocker = _alignment_blocker(x=x2d, w_up=w_up, w_down=w_down)
     if blocker is not None:
         if impl == "triton":
             raise ValueError(f"fused_mlp(impl='triton'): {blocker}")
-        if not torch.compiler.is_compiling():
-            log_once(f"mlp:{blocker}", f"fused_mlp: using the PyTorch reference because {blocker}")
+        log_once(f"mlp:{blocker}", f"fused_mlp: using the PyTorch reference because {blocker}")
         return fused_mlp_ref(x, w_up, w_down)
     out, _, _ = _fused_mlp_fwd(x2d, w_up, w_down)
     return out.reshape(*x.shape[:-1], w_down.shape[0])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import kernels.mlp as mlp
 from bench.registry import Case, Provider, register
+from kernels._runtime import platform_blocker
 
 K, N = 512, 2048
 BF16 = 2  # bytes
@@ -26,7 +27,7 @@ def _cuda_reason() -> str | None:
 
 
 def _ours_reason() -> str | None:
-    return _cuda_reason() or mlp._platform_blocker("cuda", 0)
+    return _cuda_reason() or platform_blocker("cuda", 0)
 
 
 def _operands(M: int, requires_grad: bool = False):
