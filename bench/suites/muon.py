@@ -1,0 +1,184 @@
+"""Newton-Schulz and Muon over the record's four parameter banks (SPEC.md 4.1, 5.2), 5 NS steps.
+
+Cases:
+  all banks     qo 22x512x512, kv 22x256x512, up 11x2048x512, down 11x512x2048 (one GPU holds everything)
+  8-way shard   one rank's share when 8 ranks split the padded banks: 3 qo + 3 kv + 2 up + 2 down
+  Muon.step()   the whole single-GPU step over the four fp32 banks: momentum, Nesterov, row norm, NS, update
+
+NS providers: the seed's zeropower_via_newtonschulz5 (below) per matrix in a loop, batched eager, batched
+torch.compile (one compile per bank shape, as the record does), the same replayed as one CUDA graph
+(the baseline), and ours (optim.BankedNewtonSchulz: trace-normalised 3-GEMM steps, up+down merged into one
+512x2048 stack, bank groups on separate streams, one CUDA graph) plus two ablations of ours.
+FLOPs per NS step on an m x n matrix (m <= n): 4 m^2 n + 2 m^3. Bytes: read the bf16 input, write the
+bf16 output (the Muon step: fp32 grad read, bf16 momentum read+write, fp32 weight read+write).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.registry import Case, Provider, register
+from optim import BankedNewtonSchulz, Muon, ns_flops
+
+STEPS = 5
+A, B, C = 3.4445, -4.7750, 2.0315
+BANKS = {"qo": (22, 512, 512), "kv": (22, 256, 512), "up": (11, 2048, 512), "down": (11, 512, 2048)}
+SHARD = {"qo": (3, 512, 512), "kv": (3, 256, 512), "up": (2, 2048, 512), "down": (2, 512, 2048)}
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = STEPS, eps: float = 1e-7) -> torch.Tensor:
+    """The seed's NS (modded-nanogpt style, batched over a leading dim): the honest competitor."""
+    X = G.bfloat16()
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A_ = X @ X.mT
+        B_ = B * A_ + C * A_ @ A_
+        X = A * X + B_ @ X
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    return X
+
+
+def _cuda_reason() -> str | None:
+    return None if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+def _stacks(shapes: dict) -> list[torch.Tensor]:
+    return [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes.values()]
+
+
+def _loop(shapes):
+    def setup():
+        stacks = _stacks(shapes)
+        return lambda: [zeropower_via_newtonschulz5(G[i]) for G in stacks for i in range(G.size(0))]
+
+    return setup
+
+
+def _batched(shapes, compiled: bool, graphed: bool):
+    def setup():
+        stacks = _stacks(shapes)
+        fn = (
+            torch.compile(zeropower_via_newtonschulz5, fullgraph=True)
+            if compiled
+            else zeropower_via_newtonschulz5
+        )
+        run = lambda: [fn(G) for G in stacks]
+        if not graphed:
+            return run
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return graph.replay
+
+    return setup
+
+
+def _ours(shapes, **kw):
+    def setup():
+        return BankedNewtonSchulz(_stacks(shapes), STEPS, **kw)
+
+    return setup
+
+
+def _ns_case(label: str, shapes: dict, loop: bool) -> Case:
+    mats = [(m, n) for b, m, n in shapes.values() for _ in range(b)]
+    elements = sum(m * n for m, n in mats)
+    providers = []
+    if loop:
+        providers.append(Provider("per-matrix loop", _loop(shapes), _cuda_reason))
+    providers += [
+        Provider("batched eager", _batched(shapes, False, False), _cuda_reason),
+        Provider("batched torch.compile", _batched(shapes, True, False), _cuda_reason),
+        Provider("batched torch.compile graphed", _batched(shapes, True, True), _cuda_reason),
+        Provider("ours", _ours(shapes), _cuda_reason),
+        Provider("ours no-merge", _ours(shapes, merge=False), _cuda_reason),
+        Provider("ours no-streams", _ours(shapes, streams=False), _cuda_reason),
+    ]
+    return Case(
+        suite="muon",
+        label=label,
+        params={"what": label, "matrices": len(mats), "steps": STEPS},
+        flops=float(sum(ns_flops(m, n, STEPS) for m, n in mats)),
+        bytes=2.0 * 2 * elements,
+        providers=providers,
+        baseline="batched torch.compile graphed",
+        x="what",
+        notes="NS, 5 quintic steps, bf16 in/out",
+    )
+
+
+def _muon_step(cuda_graph: bool, streams: bool = True):
+    def setup():
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in BANKS.values()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = Muon(params, lr=0.022, weight_decay=0.095, cuda_graph=cuda_graph, streams=streams)
+        for _ in range(3):  # warm-up step (compile) and graph capture happen here, not in the timing
+            opt.step()
+        return opt.step
+
+    return setup
+
+
+def _seed_muon_step():
+    """The record's single-GPU Muon: bf16 momentum, eager elementwise, compiled batched NS per bank."""
+
+    def setup():
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in BANKS.values()]
+        bufs = [torch.zeros(s, device="cuda", dtype=torch.bfloat16) for s in BANKS.values()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        ns = torch.compile(zeropower_via_newtonschulz5, fullgraph=True)
+        lr, wd, mu = 0.022, 0.095, 0.97
+
+        @torch.no_grad()
+        def step():
+            for p, buf in zip(params, bufs):
+                g = p.grad.bfloat16()
+                buf.mul_(mu).add_(g)
+                u = g.add(buf, alpha=mu)
+                u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(u.dtype)
+                x = ns(u)
+                scale = math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
+                p.mul_(1 - lr * wd).add_(x.to(p.dtype), alpha=-lr * scale)
+
+        return step
+
+    return setup
+
+
+@register("muon", "Newton-Schulz over the record's banks (all, 8-way shard) and the whole Muon step")
+def cases(quick: bool) -> list[Case]:
+    out = [_ns_case("all banks", BANKS, loop=not quick), _ns_case("8-way shard", SHARD, loop=not quick)]
+    elements = sum(math.prod(s) for s in BANKS.values())
+    mats = [(m, n) for b, m, n in BANKS.values() for _ in range(b)]
+    out.append(
+        Case(
+            suite="muon",
+            label="Muon.step()",
+            params={"what": "Muon.step()", "matrices": len(mats), "steps": STEPS},
+            flops=float(sum(ns_flops(m, n, STEPS) for m, n in mats)),
+            bytes=float(elements * (4 + 2 + 2 + 4 + 4)),
+            providers=[
+                Provider("seed-style step", _seed_muon_step(), _cuda_reason),
+                Provider("ours eager", _muon_step(False), _cuda_reason),
+                Provider("ours", _muon_step(True), _cuda_reason),
+                Provider("ours no-streams", _muon_step(True, streams=False), _cuda_reason),
+            ],
+            baseline="seed-style step",
+            x="what",
+            notes="one GPU, four fp32 banks, momentum+Nesterov+MuonEq-R+NS+WD+update; target <= 1.0 ms",
+        )
+    )
+    return out
