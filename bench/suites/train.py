@@ -1,0 +1,120 @@
+"""The whole training step of train.py at the record config on one GPU, in both loop modes.
+
+One timed call = one optimizer step exactly as train.py runs it (Run.step): `accum` micro-batches of
+48 x 2048 tokens forward + backward (bf16 autocast, model compiled with fullgraph=True), the per-rank
+gradient clip, the non-finite guard (one host sync) and the optimizer step (Muon on the banks, AdamW on
+the embedding and scalars). accum 1 is one rank's step at world size 8 (the record); accum 8 is the whole
+786,432-token step on one GPU. Batches are fixed random tokens already on the GPU (no loader cost).
+
+Providers (the same train.py, two settings):
+  reference   kernels="torch" (reference MLP and cross-entropy under torch.compile) and
+              muon_impl="per_matrix" (one optim.Muon per 2-D matrix, eager: #1493's loop over 66 matrices)
+  ours        kernels="auto" (fused MLP + fused softcapped CE) and banked Muon (batched NS, CUDA graphs)
+params["tokens"] = tokens per call, so tokens/s = tokens / time. flops = GPT.flops_per_token(looping) x
+tokens (matmuls + causal attention, fwd+bwd = 3x fwd), so TFLOP/s over the matmul ceiling reads as MFU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.registry import Case, Provider, register
+
+MICRO_SEQS, SEQ_LEN = 48, 2048
+SETTINGS = {
+    "reference": {"kernels": "torch", "muon_impl": "per_matrix"},
+    "ours": {"kernels": "auto", "muon_impl": "banked"},
+}
+
+
+def _cuda_reason() -> str | None:
+    return None if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+class _FixedBatches:
+    """Stands in for train.Batches: the same micro-batches every step, already on the device."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def next(self, j: int, device):
+        return self.batches[j]
+
+
+def _setup(looping: bool, accum: int, provider: str):
+    def setup():
+        import train as T
+
+        device = torch.device("cuda")
+        cli = {
+            "grad_accum_steps": accum,
+            "train_batch_tokens": accum * MICRO_SEQS * SEQ_LEN,
+            **SETTINGS[provider],
+        }
+        cfg = T.resolve_config("record", env={}, cli=cli)
+        model = T.build_model(cfg, device)
+        model.set_looping(looping)
+        model_c = T.compile_model(model, cfg, device)
+        opts = T.Optimizers(model, cfg, device)
+        opts.set_schedule(1.0, cfg.muon_momentum)
+        vocab = model.config.vocab_size
+        gen = torch.Generator(device=device).manual_seed(0)
+        batches = _FixedBatches(
+            [
+                tuple(
+                    torch.randint(0, vocab, (MICRO_SEQS, SEQ_LEN), device=device, generator=gen)
+                    for _ in range(2)
+                )
+                for _ in range(accum)
+            ]
+        )
+        pd, log = T.Dist(device=device), T.Logger(None, main=False)
+
+        def step():
+            loss = T.forward_backward(model_c, batches, accum, device)
+            norm = T.clip_gradients(opts.params, cfg.grad_clip_norm)
+            T.check_finite(loss, norm, 0, pd, log)
+            opts.step()
+
+        return step
+
+    return setup
+
+
+@register(
+    "train",
+    "train.py optimizer step at the record config (fwd+bwd+clip+optimizer, 48x2048 per micro-batch): "
+    "reference kernels + per-matrix Muon vs fused kernels + banked Muon",
+)
+def cases(quick: bool) -> list[Case]:
+    from model import GPT, GPTConfig
+
+    with torch.device("meta"):  # flop counting only: no memory, no CUDA
+        counter = GPT(GPTConfig())
+    out = []
+    for accum in (1,) if quick else (1, 8):
+        for looping in (False, True):
+            tokens = accum * MICRO_SEQS * SEQ_LEN
+            out.append(
+                Case(
+                    suite="train",
+                    label=f"{'looped' if looping else 'flat'} accum={accum}",
+                    params={
+                        "looping": looping,
+                        "accum": accum,
+                        "micro_seqs": MICRO_SEQS,
+                        "seq_len": SEQ_LEN,
+                        "tokens": tokens,
+                    },
+                    flops=counter.flops_per_token(looping, SEQ_LEN) * tokens,
+                    bytes=0.0,
+                    providers=[
+                        Provider(name, _setup(looping, accum, name), _cuda_reason) for name in SETTINGS
+                    ],
+                    baseline="reference",
+                    x="accum",
+                    series=("looping",),
+                    notes="one optimizer step of train.py; ms/step = time, tokens/s = tokens / time",
+                )
+            )
+    return out
