@@ -95,16 +95,24 @@ def _whole_setup(M: int, mode: str, provider: str):
         x, w_up, w_down, g = _operands(M, requires_grad=provider != "cublas")
         if provider == "cublas":
             return _gemms_only(mode, x.detach(), w_up.detach(), w_down.detach(), g)
+        # Both compiled, as training runs them: "ours" is the fused op inside a torch.compile graph.
         if provider == "ours":
-            fn = lambda a, b, c: mlp.fused_mlp(a, b, c, impl="triton")
+            fn = torch.compile(lambda a, b, c: mlp.fused_mlp(a, b, c, impl="triton"), fullgraph=True)
         else:
-            fn = torch.compile(mlp.fused_mlp_ref) if provider == "compile" else mlp.fused_mlp_ref
+            fn = (
+                torch.compile(mlp.fused_mlp_ref, fullgraph=True)
+                if provider == "compile"
+                else mlp.fused_mlp_ref
+            )
         inputs = (x, w_up, w_down)
         if mode == "fwd":
             return lambda: fn(*inputs)
         if mode == "fwd+bwd":
             return lambda: torch.autograd.grad(fn(*inputs), inputs, g)
-        out = fn(*inputs)  # bwd alone: one forward, then time backward passes over its graph
+        # bwd alone: one forward, then time backward passes over its retained graph (AOTAutograd's
+        # donated buffers forbid retain_graph, so they are off for this graph)
+        with torch._functorch.config.patch(donated_buffer=False):
+            out = fn(*inputs)
         return lambda: torch.autograd.grad(out, inputs, g, retain_graph=True)
 
     return setup

@@ -231,7 +231,10 @@ def test_compiled_fullgraph_inductor_with_bank_slices():
     up.grad = None
     want = loss(x)
     want.backward()
-    assert torch.equal(got, want) and torch.equal(g_compiled, up.grad)
+    # Inductor fuses the loss's square-and-mean (another fp32 summation order) and its bf16 grad
+    # elementwise math, so agreement is to rounding: fp32 for the loss, the bf16 budget for the grad.
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert rel_err(g_compiled, up.grad) < 4e-3
 
 
 @pytest.mark.gpu
