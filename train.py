@@ -529,8 +529,9 @@ class Optimizers:
         for opt in self.named.values():
             for g in opt.param_groups:
                 g["base_lr"] = g["lr"]
+        self.banks = groups["matrix"]
         self.replicated = groups["embed"] + groups["scalar"]
-        self.params = groups["matrix"] + self.replicated
+        self.params = self.banks + self.replicated
 
     def set_schedule(self, lr_mul: float, momentum: float) -> None:
         for opt in self.named.values():
@@ -554,7 +555,12 @@ class Optimizers:
         self.zero_grad()
 
     def zero_grad(self) -> None:
-        for p in self.params:
+        # Bank gradients are zeroed in place, not freed: Muon replays CUDA graphs keyed by their
+        # addresses, and backward accumulates into an existing gradient without moving it.
+        for p in self.banks:
+            if p.grad is not None:
+                p.grad.zero_()
+        for p in self.replicated:
             p.grad = None
 
     def state_dict(self) -> dict:
