@@ -109,11 +109,18 @@ def _whole_setup(M: int, mode: str, provider: str):
             return lambda: fn(*inputs)
         if mode == "fwd+bwd":
             return lambda: torch.autograd.grad(fn(*inputs), inputs, g)
-        # bwd alone: one forward, then time backward passes over its retained graph (AOTAutograd's
-        # donated buffers forbid retain_graph, so they are off for this graph)
-        with torch._functorch.config.patch(donated_buffer=False):
-            out = fn(*inputs)
-        return lambda: torch.autograd.grad(out, inputs, g, retain_graph=True)
+
+        # bwd alone: one forward, then time backward passes over its retained graph. AOTAutograd's
+        # donated buffers forbid retain_graph; the backward is compiled lazily, at the first call.
+        def no_donation(f):
+            def run():
+                with torch._functorch.config.patch(donated_buffer=False):
+                    return f()
+
+            return run
+
+        out = no_donation(lambda: fn(*inputs))()
+        return no_donation(lambda: torch.autograd.grad(out, inputs, g, retain_graph=True))
 
     return setup
 
