@@ -113,6 +113,8 @@ class Config:
     # artifact (SPEC §7)
     gptq_calibration_batches: int = 64
     quant_passthrough_max_numel: int = 65536
+    matrix_clip_sigmas: float = 12.85  # SDClip k, int6 matrices: trades artifact size for error
+    embed_clip_sigmas: float = 20.0  # SDClip k, int8 tied embedding
     # score-first TTT (SPEC §8.3)
     ttt_enabled: bool = True
     ttt_lr: float = 0.01
@@ -1083,7 +1085,14 @@ def build_artifact(model, cfg: Config, data: Data, pd: Dist, device, path: Path,
         batches = (loader.next_batch(micro)[0] for _ in range(cfg.gptq_calibration_batches))
         hessians = collect_hessians(model, batches)
         t1 = time.perf_counter()
-        info = save_artifact(model, hessians, path, passthrough_max_numel=cfg.quant_passthrough_max_numel)
+        info = save_artifact(
+            model,
+            hessians,
+            path,
+            passthrough_max_numel=cfg.quant_passthrough_max_numel,
+            matrix_clip_sigmas=cfg.matrix_clip_sigmas,
+            embed_clip_sigmas=cfg.embed_clip_sigmas,
+        )
         info["hessian_s"] = t1 - t0
     pd.barrier()
     if pd.main:

@@ -230,8 +230,15 @@ def gptq_quantize_batched(
     return q_all.contiguous(), scale.contiguous()
 
 
-def _scheme(name: str, t: Tensor, max_pt: int = PASSTHROUGH_MAX_NUMEL) -> tuple[int, float] | None:
-    """(bits, clip_sigmas) for a tensor that GPTQ quantises, None for passthrough (SPEC §7.1)."""
+def _scheme(
+    name: str,
+    t: Tensor,
+    max_pt: int = PASSTHROUGH_MAX_NUMEL,
+    clips: tuple[float, float] = (MATRIX_CLIP_SIGMAS, EMBED_CLIP_SIGMAS),
+) -> tuple[int, float] | None:
+    """(bits, clip_sigmas) for a tensor that GPTQ quantises, None for passthrough (SPEC §7.1).
+
+    clips = (matrix, embedding) SDClip k: the size/error trade-off (compressed size ~ b - log2 k)."""
     if not t.is_floating_point() or t.numel() <= max_pt:
         return None
     if t.ndim != 2:
@@ -239,7 +246,7 @@ def _scheme(name: str, t: Tensor, max_pt: int = PASSTHROUGH_MAX_NUMEL) -> tuple[
             f"quantise: {name} has {t.numel()} elements but shape {tuple(t.shape)}; "
             "large tensors must be 2-D (pass the unbanked state dict)"
         )
-    return (EMBED_BITS, EMBED_CLIP_SIGMAS) if name == EMBED_NAME else (MATRIX_BITS, MATRIX_CLIP_SIGMAS)
+    return (EMBED_BITS, clips[1]) if name == EMBED_NAME else (MATRIX_BITS, clips[0])
 
 
 @torch.no_grad()
@@ -249,6 +256,8 @@ def quantize_state_dict(
     method: str = "gptq",
     block_size: int = BLOCK_SIZE,
     passthrough_max_numel: int = PASSTHROUGH_MAX_NUMEL,
+    matrix_clip_sigmas: float = MATRIX_CLIP_SIGMAS,
+    embed_clip_sigmas: float = EMBED_CLIP_SIGMAS,
 ) -> tuple[dict[str, Tensor], dict[str, object]]:
     """Quantise an unbanked state dict: (tensors, meta), the payload of the artifact.
 
@@ -262,13 +271,14 @@ def quantize_state_dict(
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    clips = (matrix_clip_sigmas, embed_clip_sigmas)
     tensors: dict[str, Tensor] = {}
     meta: dict[str, object] = {}
     groups: dict[tuple, list[list[str]]] = {}  # (bits, k, rows, cols) -> list of name-lists sharing an H
     by_hessian: dict[int, list[str]] = {}
     for name, t in state_dict.items():
         t = t.detach()
-        sch = _scheme(name, t, passthrough_max_numel)
+        sch = _scheme(name, t, passthrough_max_numel, clips)
         if sch is None:
             tensors[name] = (t.to(torch.float16) if t.is_floating_point() else t).cpu().contiguous()
             meta[name] = {"s": "pt"}
@@ -282,10 +292,10 @@ def quantize_state_dict(
             raise KeyError(f"quantize_state_dict: no Hessian for {name}; collect_hessians must observe it")
         by_hessian.setdefault(id(hessians[name]), []).append(name)
     for names in by_hessian.values():
-        sch = _scheme(names[0], state_dict[names[0]], passthrough_max_numel)
+        sch = _scheme(names[0], state_dict[names[0]], passthrough_max_numel, clips)
         rows = sum(state_dict[n].shape[0] for n in names)
         for n in names[1:]:
-            same = _scheme(n, state_dict[n], passthrough_max_numel) == sch
+            same = _scheme(n, state_dict[n], passthrough_max_numel, clips) == sch
             if not same or state_dict[n].shape[1] != state_dict[names[0]].shape[1]:
                 raise ValueError(f"{names[0]} and {n} share a Hessian but not a shape/quantisation scheme")
         key = (sch[0], sch[1], rows, state_dict[names[0]].shape[1])
@@ -438,6 +448,8 @@ def save_artifact(
     path: str | os.PathLike,
     method: str = "gptq",
     passthrough_max_numel: int = PASSTHROUGH_MAX_NUMEL,
+    matrix_clip_sigmas: float = MATRIX_CLIP_SIGMAS,
+    embed_clip_sigmas: float = EMBED_CLIP_SIGMAS,
 ) -> dict[str, object]:
     """Quantise ``model.unbanked_state_dict()`` and write the compressed artifact atomically.
 
@@ -446,7 +458,12 @@ def save_artifact(
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     t0 = time.perf_counter()
     tensors, meta = quantize_state_dict(
-        model.unbanked_state_dict(), hessians, method=method, passthrough_max_numel=passthrough_max_numel
+        model.unbanked_state_dict(),
+        hessians,
+        method=method,
+        passthrough_max_numel=passthrough_max_numel,
+        matrix_clip_sigmas=matrix_clip_sigmas,
+        embed_clip_sigmas=embed_clip_sigmas,
     )
     sync()
     t1 = time.perf_counter()

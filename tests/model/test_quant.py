@@ -286,3 +286,20 @@ def test_code_size_accounting(tmp_path):
     subprocess.run([sys.executable, "submission.py"], cwd=out, check=True, timeout=60)
     assert (out / "marker.txt").read_text() == "42"
     assert len(script.encode()) == info["code_bytes"]
+
+
+def test_clip_sigmas_trade_artifact_size_for_error():
+    """A larger SDClip k gives coarser steps: a smaller compressed artifact and a larger weight error."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {
+        "blocks.0.mlp.fc.weight": torch.randn(256, 512, generator=gen),
+        "tok_emb.weight": torch.randn(300, 512),
+    }
+    sizes, errors = [], []
+    for k in (12.85, 16.0):
+        tensors, meta = quant.quantize_state_dict(sd, None, method="rtn", matrix_clip_sigmas=k)
+        sizes.append(len(quant.pack_artifact(tensors, meta)))
+        deq = quant.dequantize_state_dict(tensors, meta, sd)
+        w = sd["blocks.0.mlp.fc.weight"]
+        errors.append((deq["blocks.0.mlp.fc.weight"].float() - w).norm().item() / w.norm().item())
+    assert sizes[1] < sizes[0] and errors[1] > errors[0], (sizes, errors)
