@@ -1112,30 +1112,15 @@ def build_artifact(model, cfg: Config, data: Data, pd: Dist, device, path: Path,
 def evaluate_artifact(model, cfg: Config, data: Data, device, path: Path, log: Logger) -> dict:
     """Dequantised non-overlapping eval, sliding-window eval, then score-first TTT, each on a freshly
     loaded copy of the artifact, each timed."""
-    from model.evaluate import eval_non_overlapping, eval_sliding_window, ttt_score_first
+    from model.evaluate import eval_sliding_window, ttt_score_first
     from model.quant import load_artifact
 
-    phases = {}
-    model.set_looping(True)  # every eval runs the looped model (SPEC §8.1)
+    common = dict(seq_len=cfg.eval_seq_len, byte_counter=data.byte_counter, device=device)
     load_artifact(model, path)
-    r = eval_non_overlapping(
-        model,
-        data.val_tokens,
-        seq_len=cfg.eval_seq_len,
-        batch_seqs=cfg.val_batch_seqs,
-        byte_counter=data.byte_counter,
-        device=device,
-    )
-    phases["quantized"] = _log_phase("quantized", r, log)
+    phases = {"quantized": non_overlapping_eval(model, cfg, data, device, log, "quantized")}
     if cfg.sliding_window_enabled:
         r = eval_sliding_window(
-            model,
-            data.val_tokens,
-            seq_len=cfg.eval_seq_len,
-            stride=cfg.eval_stride,
-            batch_windows=cfg.val_batch_seqs,
-            byte_counter=data.byte_counter,
-            device=device,
+            model, data.val_tokens, stride=cfg.eval_stride, batch_windows=cfg.val_batch_seqs, **common
         )
         phases["sliding"] = _log_phase("sliding", r, log)
     if cfg.ttt_enabled:
@@ -1143,8 +1128,6 @@ def evaluate_artifact(model, cfg: Config, data: Data, device, path: Path, log: L
         r = ttt_score_first(
             model,
             data.val_tokens,
-            byte_counter=data.byte_counter,
-            seq_len=cfg.eval_seq_len,
             stride=cfg.eval_stride,
             chunk_tokens=cfg.ttt_chunk_tokens,
             epochs=cfg.ttt_epochs,
@@ -1155,7 +1138,7 @@ def evaluate_artifact(model, cfg: Config, data: Data, device, path: Path, log: L
             batch_windows=cfg.val_batch_seqs,
             hash_embed=cfg.hash_embed_enabled,
             hash_embed_size=cfg.hash_embed_size,
-            device=device,
+            **common,
         )
         phases["ttt"] = _log_phase("ttt", r, log)
     return phases
@@ -1168,10 +1151,11 @@ def _log_phase(name: str, r: dict, log: Logger) -> dict:
     return out
 
 
-def pre_quant_eval(model, cfg: Config, data: Data, device, log: Logger) -> dict:
+def non_overlapping_eval(model, cfg: Config, data: Data, device, log: Logger, phase: str) -> dict:
+    """The record's non-overlapping eval of the looped model (SPEC §8.1), logged as `phase`."""
     from model.evaluate import eval_non_overlapping
 
-    model.set_looping(True)
+    model.set_looping(True)  # every eval runs the looped model
     r = eval_non_overlapping(
         model,
         data.val_tokens,
@@ -1180,7 +1164,7 @@ def pre_quant_eval(model, cfg: Config, data: Data, device, log: Logger) -> dict:
         byte_counter=data.byte_counter,
         device=device,
     )
-    return _log_phase("prequant", r, log)
+    return _log_phase(phase, r, log)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1487,7 +1471,7 @@ def _main(args, cli, cli_model, pd: Dist) -> int:
     # After training: EMA weights -> pre-quant eval -> artifact -> dequantised / sliding / TTT evals.
     run.ema.copy_to(run.model)
     model = run.model
-    report["phases"]["prequant"] = pre_quant_eval(model, cfg, data, pd.device, log)
+    report["phases"]["prequant"] = non_overlapping_eval(model, cfg, data, pd.device, log, "prequant")
     path = run_dir / "final_model.ptz"
     info = build_artifact(model, cfg, data, pd, pd.device, path, log)
     if pd.main:

@@ -181,6 +181,42 @@ def _first_scored(starts: list[int], seq_len: int, stride: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _score(
+    model, tokens, total, starts, first, seq_len, stride, batch, byte_counter, byte_range, world_size,
+    device, autocast_dtype, compile, record_positions=False,
+):  # fmt: skip
+    """Score this rank's windows (eval mode, timed), count the bytes of its contiguous target range,
+    sum over ranks. Returns (result dict, the scorer)."""
+    was_training = model.training
+    model.eval()
+    _sync(device)
+    t0 = time.perf_counter()
+    try:
+        ws = _WindowScorer(
+            make_scorer(model, compile),
+            tokens.to(device),
+            total,
+            seq_len,
+            stride,
+            batch,
+            device,
+            autocast_dtype,
+            record_positions,
+        )
+        ws.score(starts, first)
+        n_bytes = _count_bytes(byte_counter, tokens, *byte_range) if starts else 0
+        sums = torch.stack(
+            [ws.loss_sum, ws.n_tokens, torch.tensor(float(n_bytes), dtype=torch.float64, device=device)]
+        )
+        _all_reduce_(sums, world_size)
+        _sync(device)
+    finally:
+        model.train(was_training)
+    loss_sum, n_tok, n_bytes = sums.tolist()
+    seconds = time.perf_counter() - t0
+    return _result(loss_sum, int(n_tok), int(n_bytes), seconds, byte_counter is not None), ws
+
+
 @torch.inference_mode()
 def eval_non_overlapping(
     model: torch.nn.Module,
@@ -203,34 +239,12 @@ def eval_non_overlapping(
     if n_seqs == 0:
         raise ValueError(f"val_tokens has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     lo, hi = _split(n_seqs, rank, world_size)
-    was_training = model.training
-    model.eval()
-    _sync(device)
-    t0 = time.perf_counter()
-    try:
-        ws = _WindowScorer(
-            make_scorer(model, compile),
-            tokens.to(device),
-            n_seqs * seq_len,
-            seq_len,
-            seq_len,
-            batch_seqs,
-            device,
-            autocast_dtype,
-            False,
-        )
-        starts = [i * seq_len for i in range(lo, hi)]
-        ws.score(starts, [0] * len(starts))
-        n_bytes = _count_bytes(byte_counter, tokens, lo * seq_len, hi * seq_len)
-        sums = torch.stack(
-            [ws.loss_sum, ws.n_tokens, torch.tensor(float(n_bytes), dtype=torch.float64, device=device)]
-        )
-        _all_reduce_(sums, world_size)
-        _sync(device)
-    finally:
-        model.train(was_training)
-    loss_sum, n_tok, n_bytes = sums.tolist()
-    return _result(loss_sum, int(n_tok), int(n_bytes), time.perf_counter() - t0, byte_counter is not None)
+    starts = [i * seq_len for i in range(lo, hi)]
+    out, _ = _score(
+        model, tokens, n_seqs * seq_len, starts, [0] * len(starts), seq_len, seq_len, batch_seqs,
+        byte_counter, (lo * seq_len, hi * seq_len), world_size, device, autocast_dtype, compile,
+    )  # fmt: skip
+    return out
 
 
 @torch.inference_mode()
@@ -261,41 +275,16 @@ def eval_sliding_window(
     starts = window_starts(total, seq_len, stride)
     lo, hi = _split(len(starts), rank, world_size)
     mine = starts[lo:hi]
-    was_training = model.training
-    model.eval()
-    _sync(device)
-    t0 = time.perf_counter()
-    try:
-        ws = _WindowScorer(
-            make_scorer(model, compile),
-            tokens.to(device),
-            total,
-            seq_len,
-            stride,
-            batch_windows,
-            device,
-            autocast_dtype,
-            record_positions,
-        )
-        ws.score(mine, _first_scored(mine, seq_len, stride))
-        # The scored ranges of consecutive windows are adjacent, so a rank's targets are one range.
-        n_bytes = 0
-        if mine:
-            n_bytes = _count_bytes(
-                byte_counter,
-                tokens,
-                scored_range(mine[0], total, seq_len, stride)[0],
-                scored_range(mine[-1], total, seq_len, stride)[1],
-            )
-        sums = torch.stack(
-            [ws.loss_sum, ws.n_tokens, torch.tensor(float(n_bytes), dtype=torch.float64, device=device)]
-        )
-        _all_reduce_(sums, world_size)
-        _sync(device)
-    finally:
-        model.train(was_training)
-    loss_sum, n_tok, n_bytes = sums.tolist()
-    out = _result(loss_sum, int(n_tok), int(n_bytes), time.perf_counter() - t0, byte_counter is not None)
+    # The scored ranges of consecutive windows are adjacent, so a rank's targets are one range.
+    byte_range = (
+        (scored_range(mine[0], total, seq_len, stride)[0], scored_range(mine[-1], total, seq_len, stride)[1])
+        if mine
+        else (0, 0)
+    )
+    out, ws = _score(
+        model, tokens, total, mine, _first_scored(mine, seq_len, stride), seq_len, stride, batch_windows,
+        byte_counter, byte_range, world_size, device, autocast_dtype, compile, record_positions,
+    )  # fmt: skip
     out["windows"] = len(starts)
     if record_positions:
         out["scored_counts"], out["token_loss"] = ws.counts.cpu(), ws.token_loss.cpu()
