@@ -11,23 +11,10 @@ import torch
 
 from model import evaluate as ev
 from model import quant
-from model.config import get_config
-from model.gpt import GPT
 from model.metrics import ByteCounter
+from tests.model.random_models import random_gpt
 
 SEQ, STRIDE, CHUNK = 32, 8, 64  # the record's 2048 / 64 / 32768, scaled down (same divisibility)
-
-
-def random_gpt(seed: int = 0) -> GPT:
-    """Tiny GPT with random weights (at init it predicts ~uniformly and context would not matter)."""
-    torch.manual_seed(seed)
-    m = GPT(get_config("tiny", mlp_impl="torch", ce_impl="torch"))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-    m.set_looping(True)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +69,7 @@ def test_window_layout():
 
 
 def test_sliding_scores_every_target_once(stream, byte_counter):
-    m = random_gpt()
+    m = random_gpt(looping=True)
     toks = stream[:301]  # total 300: a partial last window
     r = ev.eval_sliding_window(
         m, toks, SEQ, STRIDE, batch_windows=4, byte_counter=byte_counter, record_positions=True
@@ -100,7 +87,7 @@ def test_sliding_scores_every_target_once(stream, byte_counter):
 
 
 def test_sliding_stream_shorter_than_one_window(stream, byte_counter):
-    m = random_gpt(1)
+    m = random_gpt(1, looping=True)
     toks = stream[:28]  # total 27 < SEQ
     r = ev.eval_sliding_window(m, toks, SEQ, STRIDE, batch_windows=3, byte_counter=byte_counter)
     d = direct_loss(m, toks)
@@ -109,7 +96,7 @@ def test_sliding_stream_shorter_than_one_window(stream, byte_counter):
 
 
 def test_sliding_with_stride_seq_len_equals_non_overlapping(stream, byte_counter):
-    m = random_gpt(2)
+    m = random_gpt(2, looping=True)
     a = ev.eval_non_overlapping(m, stream, SEQ, batch_seqs=3, byte_counter=byte_counter)
     b = ev.eval_sliding_window(m, stream, SEQ, stride=SEQ, batch_windows=3, byte_counter=byte_counter)
     assert a["tokens"] == b["tokens"] == 512 and a["bytes"] == b["bytes"] > 0
@@ -120,7 +107,7 @@ def test_sliding_with_stride_seq_len_equals_non_overlapping(stream, byte_counter
 
 
 def test_ranks_split_contiguously_and_sum_to_the_whole(stream, byte_counter):
-    m = random_gpt(3)
+    m = random_gpt(3, looping=True)
     whole = ev.eval_sliding_window(m, stream[:301], SEQ, STRIDE, 4, byte_counter)
     parts = [
         ev.eval_sliding_window(m, stream[:301], SEQ, STRIDE, 4, byte_counter, rank=r, world_size=3)
@@ -137,7 +124,7 @@ def test_ranks_split_contiguously_and_sum_to_the_whole(stream, byte_counter):
 
 
 def test_ttt_with_zero_lr_equals_sliding(stream, byte_counter):
-    m = random_gpt(4)
+    m = random_gpt(4, looping=True)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     s = ev.eval_sliding_window(m, stream, SEQ, STRIDE, batch_windows=4, byte_counter=byte_counter)
     t = ev.ttt_score_first(
@@ -166,22 +153,22 @@ def _ttt(model, tokens, byte_counter, **kw):
 
 def test_ttt_is_score_first_and_never_trains_on_the_last_chunk(stream, byte_counter):
     toks = stream[: 4 * CHUNK + 1]  # 4 chunks
-    base = random_gpt(5)
+    base = random_gpt(5, looping=True)
     sliding = ev.eval_sliding_window(base, toks, SEQ, STRIDE, 4, byte_counter)
-    m1 = random_gpt(5)
+    m1 = random_gpt(5, looping=True)
     r1 = _ttt(m1, toks, byte_counter)
     assert r1["val_loss"] != pytest.approx(sliding["val_loss"], rel=1e-4)  # it adapted
     # change every token after chunk 1's last target (index 2*CHUNK): chunks 0 and 1 keep their scores
     alt = toks.clone()
     g = torch.Generator().manual_seed(0)
     alt[2 * CHUNK + 1 :] = torch.randint(0, 1024, (alt.numel() - 2 * CHUNK - 1,), generator=g)
-    r2 = _ttt(random_gpt(5), alt, byte_counter)
+    r2 = _ttt(random_gpt(5, looping=True), alt, byte_counter)
     assert r2["chunk_loss_sum"][:2] == r1["chunk_loss_sum"][:2]
     assert r2["chunk_loss_sum"][2] != r1["chunk_loss_sum"][2]
     # change only the last chunk's targets: the adapted weights are identical (never trained on it)
     last = toks.clone()
     last[3 * CHUNK + 1 :] = torch.randint(0, 1024, (last.numel() - 3 * CHUNK - 1,), generator=g)
-    m3 = random_gpt(5)
+    m3 = random_gpt(5, looping=True)
     r3 = _ttt(m3, last, byte_counter)
     assert r3["chunk_loss_sum"][:3] == r1["chunk_loss_sum"][:3]
     for (k, a), b in zip(m1.state_dict().items(), m3.state_dict().values()):
@@ -191,7 +178,7 @@ def test_ttt_is_score_first_and_never_trains_on_the_last_chunk(stream, byte_coun
 
 def test_ttt_hash_embedding_trained_then_removed(stream, byte_counter, tmp_path):
     toks = stream[: 3 * CHUNK + 1]
-    m_hash, m_plain = random_gpt(6), random_gpt(6)
+    m_hash, m_plain = random_gpt(6, looping=True), random_gpt(6, looping=True)
     flags = [p.requires_grad for p in m_hash.parameters()]
     with_hash = _ttt(m_hash, toks, byte_counter, hash_embed=True, hash_embed_size=512)
     without = _ttt(m_plain, toks, byte_counter, hash_embed=False)
@@ -207,7 +194,7 @@ def test_ttt_hash_embedding_trained_then_removed(stream, byte_counter, tmp_path)
 
 
 def test_ttt_restores_model_on_error(stream):
-    m = random_gpt(7)
+    m = random_gpt(7, looping=True)
     with pytest.raises(ValueError, match="chunk_tokens"):
         ev.ttt_score_first(m, stream, None, seq_len=SEQ, stride=STRIDE, chunk_tokens=0)
     assert m.hash_embed is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import lzma
-import math
 import subprocess
 import sys
 
@@ -14,20 +13,9 @@ import torch
 
 from model import quant
 from model.config import get_config
-from model.gpt import GPT
+from tests.model.random_models import random_gpt
 
 LOW_THRESHOLD = 1000  # the tiny model's matrices are below the record's 65,536: quantise them anyway
-
-
-def random_gpt(seed: int = 0) -> GPT:
-    """Tiny GPT with random (not init-time) weights, so activations are correlated and context matters."""
-    torch.manual_seed(seed)
-    m = GPT(get_config("tiny", mlp_impl="torch", ce_impl="torch"))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-    return m
 
 
 def train_batches(n: int, seed: int = 1, b: int = 4, t: int = 48):

@@ -1,0 +1,23 @@
+"""Tiny GPTs with random (not init-time) weights, shared by the quantisation and evaluation tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import get_config
+from model.gpt import GPT
+
+
+def random_gpt(seed: int = 0, looping: bool = False) -> GPT:
+    """The tiny preset with every matrix drawn N(0, 1/fan_in): activations are correlated and context
+    matters (at init the model predicts ~uniformly). Reference kernels, so CPU tests stay fast."""
+    torch.manual_seed(seed)
+    m = GPT(get_config("tiny", mlp_impl="torch", ce_impl="torch"))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+    m.set_looping(looping)
+    return m
