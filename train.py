@@ -1,6 +1,6 @@
 """Train, quantise and evaluate the Parameter Golf record model (PR #1523) in one run.
 
-    python train.py --preset tiny --device cpu         # whole pipeline, ~1 min on 2 CPU cores
+    python train.py --preset tiny --device cpu         # whole pipeline, ~15 s on 2 CPU cores
     python train.py                                    # record config, one GPU (grad accumulation 8)
     torchrun --standalone --nproc_per_node=8 train.py  # the record: 8 GPUs, grad accumulation 1
     SEED=42 TTT_ENABLED=1 HASH_EMBED_ENABLED=1 TTT_LR=0.01 MUON_MOMENTUM=0.97 \\
@@ -130,7 +130,7 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     "record": Config(),
-    # Every phase of the record on the tiny model, about a minute on 2 CPU cores. Bounded by iterations
+    # Every phase of the record on the tiny model, ~15 s on 2 CPU cores. Bounded by iterations
     # (no wallclock cap) so that it is deterministic; fp32 embedding (CPU bf16 matmuls are slow);
     # GPTQ on every matrix (the record's 65,536-element passthrough would skip all of them here).
     "tiny": Config(
@@ -452,6 +452,19 @@ class Batches:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def batch_layout(cfg: Config, world: int) -> tuple[int, int]:
+    """(gradient accumulation steps, sequences per micro-batch) of one rank. Training and GPTQ
+    calibration both use it, so the calibration batches are the first training batches (SPEC §7.2)."""
+    accum = cfg.grad_accum_steps or 8 // world
+    per_micro = world * accum * cfg.train_seq_len
+    if cfg.train_batch_tokens % per_micro:
+        raise SystemExit(
+            f"train_batch_tokens {cfg.train_batch_tokens} is not a multiple of world {world} x accum "
+            f"{accum} x seq_len {cfg.train_seq_len}"
+        )
+    return accum, cfg.train_batch_tokens // per_micro
+
+
 def build_model(cfg: Config, device: torch.device, pd: Dist | None = None):
     """GPT in the record's training dtypes (bf16 embedding master, fp32 banks/scalars), same on all ranks."""
     from model import GPT
@@ -746,7 +759,21 @@ def read_checkpoint_meta(path: Path) -> dict:
             f"{path}: not a complete checkpoint (no meta.json); pass a directory runs/<id>/ckpt/step_NNNNNN "
             "written by --save-every"
         )
-    return json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{meta_path}: not valid JSON ({exc}); the checkpoint is damaged") from exc
+
+
+def config_from(saved: dict, where: Path) -> Config:
+    """The Config a run saved (config.json or checkpoint meta), or a clear error naming the file."""
+    try:
+        return Config(**saved["config"])
+    except (KeyError, TypeError) as exc:
+        raise SystemExit(
+            f"{where}: its config does not match this train.py ({type(exc).__name__}: {exc}); "
+            "evaluate it with the code version that wrote it, or pass the config as flags"
+        ) from exc
 
 
 def check_resume(meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> list[str]:
@@ -808,14 +835,7 @@ class Run:
             data,
         )
         self.run_dir_shared = run_dir
-        self.accum = cfg.grad_accum_steps or 8 // pd.world
-        per_micro = pd.world * self.accum * cfg.train_seq_len
-        if cfg.train_batch_tokens % per_micro:
-            raise SystemExit(
-                f"train_batch_tokens {cfg.train_batch_tokens} is not a multiple of world {pd.world} x accum "
-                f"{self.accum} x seq_len {cfg.train_seq_len}"
-            )
-        self.micro_seqs = cfg.train_batch_tokens // per_micro
+        self.accum, self.micro_seqs = batch_layout(cfg, pd.world)
         self.model = build_model(cfg, self.device, pd)
         self.model_c = compile_model(self.model, cfg, self.device)
         self.opts = Optimizers(self.model, cfg, self.device)
@@ -1077,11 +1097,10 @@ def build_artifact(model, cfg: Config, data: Data, pd: Dist, device, path: Path,
     t0 = time.perf_counter()
     info = None
     if pd.main:
-        accum = cfg.grad_accum_steps or 8 // pd.world
+        accum, micro = batch_layout(cfg, pd.world)  # data rank 0 = rank 0's first micro-batch stream
         loader = ShuffledSequenceLoader(
             data.paths.train_pattern, cfg.train_seq_len, seed=cfg.seed, rank=0, world_size=pd.world * accum
         )
-        micro = cfg.train_batch_tokens // (pd.world * accum * cfg.train_seq_len)
         batches = (loader.next_batch(micro)[0] for _ in range(cfg.gptq_calibration_batches))
         hessians = collect_hessians(model, batches)
         t1 = time.perf_counter()
@@ -1380,9 +1399,10 @@ def _main(args, cli, cli_model, pd: Dist) -> int:
         and not (cli or cli_model)
     ):
         # The artifact does not hold its config: use the one its run wrote beside it.
-        cfg = Config(**json.loads((eval_only.parent / "config.json").read_text())["config"])
+        config_json = eval_only.parent / "config.json"
+        cfg = config_from(json.loads(config_json.read_text(encoding="utf-8")), config_json)
     elif eval_only and meta is not None:
-        cfg = Config(**meta["config"])
+        cfg = config_from(meta, eval_only / "meta.json")
     else:
         cfg = resolve_config(args.preset, cli=cli, cli_model=cli_model)
     if pd.device.type == "cuda":
@@ -1487,18 +1507,21 @@ def _main(args, cli, cli_model, pd: Dist) -> int:
                 "seconds",
             )
         }
-        size = info["size"]
-        report["artifact_bytes"] = {
-            "total": size["artifact_bytes"],
-            "code": size["code_bytes"],
-            "model": size["model_bytes"],
-            "cap": size["cap_bytes"],
-            "status": size["status"],
-            "code_detail": {
-                k: info["code"][k] for k in ("raw_bytes", "minified_bytes", "lzma_bytes", "stub_bytes")
-            },
+        report["artifact_bytes"] = _artifact_bytes(info["size"])
+        report["artifact_bytes"]["code_detail"] = {
+            k: info["code"][k] for k in ("raw_bytes", "minified_bytes", "lzma_bytes", "stub_bytes")
         }
     report["phases"].update(evaluate_artifact(model, cfg, data, pd.device, path, log))
+    return _close_eval(report, pd, run_dir, cfg, data, env, log, t_start)
+
+
+def _artifact_bytes(size: dict) -> dict:
+    keys = {"total": "artifact_bytes", "code": "code_bytes", "model": "model_bytes", "cap": "cap_bytes"}
+    return {k: size[v] for k, v in keys.items()} | {"status": size["status"]}
+
+
+def _close_eval(report, pd, run_dir, cfg, data, env, log, t_start) -> int:
+    """Evaluation time (the challenge's eval budget: quantised + sliding + TTT), wall time, report."""
     report["eval_seconds"] = sum(
         report["phases"][p]["seconds"] for p in ("quantized", "sliding", "ttt") if p in report["phases"]
     )
@@ -1517,21 +1540,10 @@ def _eval_artifact_only(path: Path, cfg, data, pd, run_dir, report, env, log, t_
     log(f"eval-only: {path}")
     report["phases"].update(evaluate_artifact(model, cfg, data, pd.device, path, log))
     if pd.main:
-        size = size_report(code_size(ROOT)["code_bytes"], path.stat().st_size)
-        report["artifact_bytes"] = {
-            "total": size["artifact_bytes"],
-            "code": size["code_bytes"],
-            "model": size["model_bytes"],
-            "cap": size["cap_bytes"],
-            "status": size["status"],
-        }
-    report["eval_seconds"] = sum(
-        report["phases"][p]["seconds"] for p in ("quantized", "sliding", "ttt") if p in report["phases"]
-    )
-    report["wall_seconds"] = time.perf_counter() - t_start
-    if pd.main:
-        finish_report(run_dir, report, cfg, data, env, log)
-    return 0
+        report["artifact_bytes"] = _artifact_bytes(
+            size_report(code_size(ROOT)["code_bytes"], path.stat().st_size)
+        )
+    return _close_eval(report, pd, run_dir, cfg, data, env, log, t_start)
 
 
 if __name__ == "__main__":

@@ -82,23 +82,3 @@ def num_sms(device_index: int = 0) -> int:
     if interpreter_active() or not torch.cuda.is_available():
         return 4
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def check_tma_operand(t: torch.Tensor, name: str) -> None:
-    """Raise ValueError naming `name` when `t` cannot back a 2-D TMA descriptor.
-
-    TMA needs a row-major 2-D tensor whose row stride is 16-byte aligned and whose base
-    address is 16-byte aligned.
-    """
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D for TMA, got shape {tuple(t.shape)}")
-    if t.stride(1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride()})")
-    elem = t.element_size()
-    if (t.stride(0) * elem) % 16:
-        raise ValueError(
-            f"{name}: row stride {t.stride(0)} elements x {elem} B is not a multiple of 16 bytes "
-            f"(dim {t.shape[1]} must be a multiple of {16 // elem})"
-        )
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name}: base address is not 16-byte aligned (a misaligned view?)")

@@ -133,14 +133,13 @@ class _WindowScorer:
         tokens_dev: Tensor,
         total: int,
         seq_len: int,
-        stride: int,
         rows: int,
         device: torch.device,
         autocast_dtype,
         record_positions: bool,
     ):
         self.scorer, self.tokens, self.total = scorer, tokens_dev, total
-        self.seq_len, self.stride, self.rows = seq_len, stride, rows
+        self.seq_len, self.rows = seq_len, rows
         self.device, self.autocast_dtype = device, autocast_dtype
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.n_tokens = torch.zeros((), dtype=torch.float64, device=device)
@@ -182,7 +181,7 @@ def _first_scored(starts: list[int], seq_len: int, stride: int) -> list[int]:
 
 
 def _score(
-    model, tokens, total, starts, first, seq_len, stride, batch, byte_counter, byte_range, world_size,
+    model, tokens, total, starts, first, seq_len, batch, byte_counter, byte_range, world_size,
     device, autocast_dtype, compile, record_positions=False,
 ):  # fmt: skip
     """Score this rank's windows (eval mode, timed), count the bytes of its contiguous target range,
@@ -197,7 +196,6 @@ def _score(
             tokens.to(device),
             total,
             seq_len,
-            stride,
             batch,
             device,
             autocast_dtype,
@@ -241,7 +239,7 @@ def eval_non_overlapping(
     lo, hi = _split(n_seqs, rank, world_size)
     starts = [i * seq_len for i in range(lo, hi)]
     out, _ = _score(
-        model, tokens, n_seqs * seq_len, starts, [0] * len(starts), seq_len, seq_len, batch_seqs,
+        model, tokens, n_seqs * seq_len, starts, [0] * len(starts), seq_len, batch_seqs,
         byte_counter, (lo * seq_len, hi * seq_len), world_size, device, autocast_dtype, compile,
     )  # fmt: skip
     return out
@@ -282,7 +280,7 @@ def eval_sliding_window(
         else (0, 0)
     )
     out, ws = _score(
-        model, tokens, total, mine, _first_scored(mine, seq_len, stride), seq_len, stride, batch_windows,
+        model, tokens, total, mine, _first_scored(mine, seq_len, stride), seq_len, batch_windows,
         byte_counter, byte_range, world_size, device, autocast_dtype, compile, record_positions,
     )  # fmt: skip
     out["windows"] = len(starts)
@@ -374,7 +372,7 @@ def ttt_score_first(
             mine = chunk_windows[ci][lo:hi]
             with torch.no_grad():
                 ws = _WindowScorer(
-                    scorer, tokens_dev, total, seq_len, stride, batch_windows, device, autocast_dtype, False
+                    scorer, tokens_dev, total, seq_len, batch_windows, device, autocast_dtype, False
                 )
                 ws.score(mine, _first_scored(mine, seq_len, stride))
                 per_chunk[ci, 0] = ws.loss_sum

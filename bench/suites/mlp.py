@@ -55,10 +55,15 @@ def _kernel_setup(M: int, mode: str, provider: str):
         if mode == "up+act":
             if provider == "cublas":
                 return lambda: x @ w_up.t()
-            if provider == "ours":
-                post = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-                signs = torch.empty(M, mlp._sign_words(N), device="cuda", dtype=torch.int32)
-                return lambda: mlp._launch(x, w_up, post, post, signs, forward=True)
+            if provider == "ours":  # outputs allocated per call, as every other provider does
+
+                def up_act():
+                    post = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+                    signs = torch.empty(M, mlp._sign_words(N), device="cuda", dtype=torch.int32)
+                    mlp._launch(x, w_up, post, post, signs, forward=True)
+                    return post, signs
+
+                return up_act
             fn = torch.compile(_up_act) if provider == "compile" else _up_act
             return lambda: fn(x, w_up)
         # act-grad: the saved state each provider would have from its own forward
@@ -66,9 +71,7 @@ def _kernel_setup(M: int, mode: str, provider: str):
             return lambda: g @ w_down
         if provider == "ours":
             _, post, signs = mlp._fused_mlp_fwd(x, w_up, w_down)
-            dpre = torch.empty_like(post)
-            w_down_t = w_down.t().contiguous()
-            return lambda: mlp._launch(g, w_down_t, post, dpre, signs, forward=False)
+            return lambda: mlp._fused_mlp_act_grad(g, w_down, post, signs)
         pre = x @ w_up.t()
         fn = torch.compile(_act_grad) if provider == "compile" else _act_grad
         return lambda: fn(g, w_down, pre)
