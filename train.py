@@ -114,6 +114,7 @@ class Config:
     gptq_calibration_batches: int = 64
     quant_passthrough_max_numel: int = 65536
     matrix_clip_sigmas: float = 12.85  # SDClip k, int6 matrices: trades artifact size for error
+    fit_artifact_to_cap: bool = True  # raise the int6 k above this if code + model would exceed the cap
     embed_clip_sigmas: float = 20.0  # SDClip k, int8 tied embedding
     # score-first TTT (SPEC §8.3)
     ttt_enabled: bool = True
@@ -1092,7 +1093,7 @@ def build_artifact(model, cfg: Config, data: Data, pd: Dist, device, path: Path,
     """GPTQ Hessians from the first calibration batches of this rank's training stream (rank 0 only: the
     artifact comes from rank 0), quantise, compress, write atomically; every rank then waits for it."""
     from model.data import ShuffledSequenceLoader
-    from model.quant import code_size, collect_hessians, save_artifact, size_report
+    from model.quant import CAP_BYTES, code_size, collect_hessians, save_artifact, size_report
 
     t0 = time.perf_counter()
     info = None
@@ -1104,6 +1105,7 @@ def build_artifact(model, cfg: Config, data: Data, pd: Dist, device, path: Path,
         batches = (loader.next_batch(micro)[0] for _ in range(cfg.gptq_calibration_batches))
         hessians = collect_hessians(model, batches)
         t1 = time.perf_counter()
+        code = code_size(ROOT)
         info = save_artifact(
             model,
             hessians,
@@ -1111,19 +1113,21 @@ def build_artifact(model, cfg: Config, data: Data, pd: Dist, device, path: Path,
             passthrough_max_numel=cfg.quant_passthrough_max_numel,
             matrix_clip_sigmas=cfg.matrix_clip_sigmas,
             embed_clip_sigmas=cfg.embed_clip_sigmas,
+            max_model_bytes=CAP_BYTES - code["code_bytes"] if cfg.fit_artifact_to_cap else None,
         )
         info["hessian_s"] = t1 - t0
     pd.barrier()
     if pd.main:
-        code = code_size(ROOT)
         size = size_report(code["code_bytes"], info["model_bytes"])
         info.update(size=size, code=code)
         info["seconds"] = time.perf_counter() - t0
+        k0, k = cfg.matrix_clip_sigmas, info["matrix_clip_sigmas"]
+        refit = f" | int6 k raised {k0} -> {k:.4f} to fit" if k != k0 else ""
         log(
             f"artifact: {path.name} | model {size['model_bytes']:,} B + code {size['code_bytes']:,} B = "
             f"{size['artifact_bytes']:,} B ({size['status']} vs cap {size['cap_bytes']:,}) | "
-            f"{info['n_quantized']} GPTQ + {info['n_passthrough']} passthrough tensors | "
-            f"{info['seconds']:.1f} s"
+            f"{info['n_quantized']} GPTQ + {info['n_passthrough']} passthrough tensors{refit} | "
+            f"{info['quantize_s']:.1f} s GPTQ in {info['fit_attempts']} pass(es) | {info['seconds']:.1f} s"
         )
     return info
 
@@ -1499,6 +1503,8 @@ def _main(args, cli, cli_model, pd: Dist) -> int:
             k: info[k]
             for k in (
                 "model_bytes",
+                "matrix_clip_sigmas",
+                "fit_attempts",
                 "n_quantized",
                 "n_passthrough",
                 "hessian_s",

@@ -291,3 +291,44 @@ def test_clip_sigmas_trade_artifact_size_for_error():
         w = sd["blocks.0.mlp.fc.weight"]
         errors.append((deq["blocks.0.mlp.fc.weight"].float() - w).norm().item() / w.norm().item())
     assert sizes[1] < sizes[0] and errors[1] > errors[0], (sizes, errors)
+
+
+def test_save_artifact_raises_k_until_the_blob_fits(model_and_hessians, tmp_path):
+    """Over budget, the int6 k is raised and the model re-quantised until the blob fits; the embedding's
+    k and the passthrough tensors are untouched, and what is written is what fits."""
+    m, hessians = model_and_hessians
+    kw = dict(passthrough_max_numel=LOW_THRESHOLD)
+    free = quant.save_artifact(m, hessians, tmp_path / "free.ptz", **kw)
+    assert (free["fit_attempts"], free["fits"]) == (1, True)
+    assert free["matrix_clip_sigmas"] == quant.MATRIX_CLIP_SIGMAS
+
+    budget = free["model_bytes"] - 2000  # ~1% of the tiny model's int6 payload (270K elements)
+    fitted = quant.save_artifact(m, hessians, tmp_path / "fit.ptz", max_model_bytes=budget, **kw)
+    assert fitted["fits"] and fitted["model_bytes"] <= budget
+    assert 2 <= fitted["fit_attempts"] <= 3, fitted  # the estimate lands within one more retry
+    assert fitted["matrix_clip_sigmas"] > quant.MATRIX_CLIP_SIGMAS
+    assert (tmp_path / "fit.ptz").stat().st_size == fitted["model_bytes"]
+
+    tensors, meta = quant.read_artifact(tmp_path / "fit.ptz")
+    ref, _ = quant.quantize_state_dict(
+        m.unbanked_state_dict(), hessians, matrix_clip_sigmas=fitted["matrix_clip_sigmas"], **kw
+    )
+    for key in ref:
+        assert torch.equal(tensors[key], ref[key]), key  # exactly the quantisation at the k used
+
+    hopeless = quant.save_artifact(
+        m, hessians, tmp_path / "no.ptz", max_model_bytes=1000, max_fit_attempts=2, **kw
+    )
+    assert not hopeless["fits"] and hopeless["fit_attempts"] == 2
+    assert hopeless["model_bytes"] < free["model_bytes"]  # the last, smallest blob is written
+    with pytest.raises(ValueError, match="max_fit_attempts"):
+        quant.save_artifact(m, hessians, tmp_path / "x.ptz", max_fit_attempts=0, **kw)
+
+
+def test_next_matrix_clip_sigmas_follows_the_bits_per_element_estimate():
+    n = 31_719_424  # the record's int6 matrix elements: +1% of k is worth ~57 KB
+    k = quant.next_matrix_clip_sigmas(12.85, 56_900, n, margin=1.0)
+    assert k == pytest.approx(12.85 * 1.01, rel=1e-3)
+    assert quant.next_matrix_clip_sigmas(12.85, 1, n) == pytest.approx(12.85 * 1.001)  # minimum step
+    with pytest.raises(ValueError, match="no int6 matrix"):
+        quant.next_matrix_clip_sigmas(12.85, 100, 0)
