@@ -31,24 +31,33 @@ FAKE_COPY_GBPS = 3000.0
 
 @dataclass(frozen=True)
 class Timing:
-    """do_bench settings in ms: warm-up time and measured repetition time per provider."""
+    """do_bench settings: warm-up and measured repetition time per provider in ms, and the fewest timed
+    calls (a 1-second training step would otherwise be timed once, with no spread to report)."""
 
     warmup_ms: int = 25
     rep_ms: int = 100
+    min_samples: int = 10
 
     @classmethod
     def for_mode(cls, quick: bool) -> Timing:
-        return cls(10, 40) if quick else cls()
+        return cls(10, 40, 5) if quick else cls()
 
 
 def bench_ms(fn: Callable[[], object], *, cuda_graph: bool = False, timing: Timing = Timing()):
-    """(median, p20, p80) milliseconds of one call of `fn`."""
+    """(median, p20, p80) milliseconds of one call of `fn`, over at least ``timing.min_samples`` calls."""
     from triton.testing import do_bench, do_bench_cudagraph
 
     if cuda_graph:
         out = do_bench_cudagraph(fn, rep=timing.rep_ms, quantiles=QUANTILES)
     else:
-        out = do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, quantiles=QUANTILES)
+        # do_bench repeats rep_ms / (its own estimate) times: stretch rep_ms for long calls
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        rep_ms = max(timing.rep_ms, timing.min_samples * start.elapsed_time(end))
+        out = do_bench(fn, warmup=timing.warmup_ms, rep=rep_ms, quantiles=QUANTILES)
     median, p20, p80 = (float(v) for v in out)
     return median, p20, p80
 
