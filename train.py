@@ -342,8 +342,11 @@ def environment(pd: Dist) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    sha = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # GOLFBENCH_GIT_SHA names the commit where the tree was copied without (or with a stale) .git
+    sha = os.environ.get("GOLFBENCH_GIT_SHA") or _git("rev-parse", "HEAD")
+    dirty = (
+        None if os.environ.get("GOLFBENCH_GIT_SHA") else _git("status", "--porcelain", "--untracked-files=no")
+    )
     gpu = torch.cuda.get_device_name(pd.device) if pd.device.type == "cuda" else None
     return {
         "python": platform.python_version(),

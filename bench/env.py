@@ -47,8 +47,9 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
 
 
 def git_info() -> dict:
-    """Commit and dirty flag of the repository; GOLFBENCH_GIT_SHA stands in where .git is absent."""
-    sha = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    """Commit and dirty flag of the repository; GOLFBENCH_GIT_SHA, when set, names the commit of a tree
+    copied without (or with a stale) .git."""
+    sha = None if os.environ.get("GOLFBENCH_GIT_SHA") else _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
     if sha:
         status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
         return {"sha": sha, "short_sha": sha[:10], "dirty": bool(status)}

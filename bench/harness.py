@@ -256,11 +256,12 @@ def run_suites(
                 t0 = time.perf_counter()
                 rec = measure_provider(case, provider, ceilings, dry_run=dry_run, timing=timing)
                 case_records.append(rec)
-                what = (
-                    f"{rec['median_ms']:.4f} ms"
-                    if rec["status"] == "ok"
-                    else f"{rec['status']}: {rec['reason']}"
-                )
+                if rec["status"] == "ok":
+                    what = f"{rec['median_ms']:.4f} ms (p20-p80 {rec['p20_ms']:.4f}-{rec['p80_ms']:.4f})"
+                    if rec["tokens_per_s"]:
+                        what += f" {rec['tokens_per_s']:,.0f} tok/s"
+                else:
+                    what = f"{rec['status']}: {rec['reason']}"
                 log(f"[{suite}] {case.label} | {provider.name}: {what} ({time.perf_counter() - t0:.1f} s)")
             set_speedups(case_records)
             records.extend(case_records)
