@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from optim import average_gradients
+
 from .metrics import bits_per_byte
 
 DEFAULT_SEQ_LEN = 2048
@@ -399,13 +401,15 @@ def ttt_score_first(
             lr_ci = lr * 0.5 * (1.0 + math.cos(math.pi * ci / (n_chunks - 1)))
             for group in optimizer.param_groups:
                 group["lr"] = lr_ci
-            s_lo, s_hi = _split(n_seqs, rank, world_size)
+            shares = [_split(n_seqs, r, world_size) for r in range(world_size)]
+            s_lo, s_hi = shares[rank]
             steps_per_epoch = math.ceil(math.ceil(n_seqs / world_size) / batch_seqs)  # same on all ranks
             model.train()
             for _ in range(epochs):
                 for step in range(steps_per_epoch):
                     b0 = s_lo + step * batch_seqs
                     b1 = min(b0 + batch_seqs, s_hi)
+                    ranks_with_data = sum(lo + step * batch_seqs < hi for lo, hi in shares)
                     _ttt_step(
                         model,
                         params,
@@ -417,6 +421,7 @@ def ttt_score_first(
                         seq_len,
                         grad_clip,
                         world_size,
+                        ranks_with_data,
                         device,
                         autocast_dtype,
                     )
@@ -457,6 +462,7 @@ def _ttt_step(
     seq_len,
     grad_clip,
     world_size,
+    ranks_with_data,
     device,
     autocast_dtype,
 ) -> None:
@@ -473,15 +479,15 @@ def _ttt_step(
             loss = model(x, y)
         loss.backward()
     if world_size > 1 and dist.is_available() and dist.is_initialized():
-        # Mean over the ranks that had sequences (all of them in the record: 16 seqs over 8 ranks);
-        # every rank reduces every tensor, so a rank without data contributes zeros.
-        n = torch.tensor([float(has_data)], device=device)
-        dist.all_reduce(n)
+        # Mean over the ranks that had sequences (all of them in the record: 16 seqs over 8 ranks): a
+        # rank without data contributes zeros to one all-reduce per dtype, and the mean is rescaled.
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(n.clamp_min(1.0))
+        grads = [p.grad for p in params]
+        average_gradients(grads)
+        if 0 < ranks_with_data < world_size:
+            torch._foreach_mul_(grads, world_size / ranks_with_data)
     elif not has_data:
         return
     torch.nn.utils.clip_grad_norm_(params, grad_clip)

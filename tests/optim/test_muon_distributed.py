@@ -8,8 +8,6 @@ bit-identical averaged gradients; what is compared is the sharding, padding, mom
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from optim import Muon, average_gradients
+from tests.distributed import free_port, init_gloo
 
 # square, wide, tall + wide of one NS shape (merged, the tall one transposed), and a 2-D matrix
 SHAPES = [(5, 16, 16), (5, 8, 16), (3, 32, 16), (3, 16, 32), (16, 24)]
@@ -34,8 +33,7 @@ def _set_grads(params, grads):
 
 
 def _worker(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         solo = [dist.new_group([r]) for r in range(world)][rank]  # a one-rank group: the unsharded path
         torch.manual_seed(0)
@@ -99,12 +97,6 @@ def _worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_equals_single_process(world):
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
