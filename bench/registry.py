@@ -12,6 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+def needs_cuda() -> str | None:
+    """The `unavailable` of a provider that times GPU work."""
+    import torch
+
+    return None if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+def needs_our_kernels() -> str | None:
+    """The `unavailable` of a provider that calls our Triton TMA kernels (CUDA, Hopper, Triton)."""
+    from kernels._runtime import platform_blocker
+
+    return needs_cuda() or platform_blocker("cuda", 0)
+
+
 @dataclass(frozen=True)
 class Provider:
     """One implementation of a case's computation.

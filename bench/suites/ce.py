@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.registry import Case, Provider, register
+from bench.registry import Case, Provider, needs_cuda, needs_our_kernels, register
 
 VOCAB = 8192
 SOFTCAP = 30.0
@@ -27,17 +27,6 @@ MODES = ["fwd", "fwd+bwd"]
 
 def unfused_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(SOFTCAP * torch.tanh(logits.float() / SOFTCAP), targets)
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
-
-
-def _ours_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    major, minor = torch.cuda.get_device_capability()
-    return None if major == 9 else f"the kernel targets Hopper (sm_90); this GPU is sm_{major}{minor}"
 
 
 def _make_fn(impl: str):
@@ -78,9 +67,9 @@ def cases(quick: bool) -> list[Case]:
                     flops=0.0,
                     bytes=logits_bytes * (2 if mode == "fwd+bwd" else 1),
                     providers=[
-                        Provider("eager", _setup(n, mode, "eager"), _cuda_reason),
-                        Provider("compiled", _setup(n, mode, "compiled"), _cuda_reason),
-                        Provider("ours", _setup(n, mode, "ours"), _ours_reason),
+                        Provider("eager", _setup(n, mode, "eager"), needs_cuda),
+                        Provider("compiled", _setup(n, mode, "compiled"), needs_cuda),
+                        Provider("ours", _setup(n, mode, "ours"), needs_our_kernels),
                     ],
                     baseline="compiled",
                     x="N",

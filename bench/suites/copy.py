@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.registry import Case, Provider, register
+from bench.registry import Case, Provider, needs_cuda, register
 
 SIZES_MIB = [16, 64, 256, 1024, 2048]
 QUICK_SIZES_MIB = [64, 1024]
@@ -31,10 +31,6 @@ def triton_copy(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     n = src.numel()
     _copy_kernel[(triton.cdiv(n, COPY_BLOCK),)](src, dst, n, BLOCK=COPY_BLOCK, num_warps=COPY_WARPS)
     return dst
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
 
 def _setup(size_bytes: int, impl: str):
@@ -61,8 +57,8 @@ def cases(quick: bool) -> list[Case]:
                 flops=0.0,
                 bytes=2.0 * size,
                 providers=[
-                    Provider("torch.copy_", _setup(size, "torch"), _cuda_reason),
-                    Provider("triton", _setup(size, "triton"), _cuda_reason),
+                    Provider("torch.copy_", _setup(size, "torch"), needs_cuda),
+                    Provider("triton", _setup(size, "triton"), needs_cuda),
                 ],
                 baseline="torch.copy_",
                 x="size_mib",

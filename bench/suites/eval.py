@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from bench.registry import Case, Provider, register
+from bench.registry import Case, Provider, needs_cuda, register
 
 SEQ_LEN, BATCH_WINDOWS = 2048, 32
 SCORED_TOKENS, QUICK_SCORED_TOKENS = 64 * 1024, 16 * 1024
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
 
 def _setup(scored: int, stride: int, compile: bool):
@@ -64,8 +60,8 @@ def cases(quick: bool) -> list[Case]:
                 flops=window_flops * windows,
                 bytes=0.0,
                 providers=[
-                    Provider("eager", _setup(scored, stride, False), _cuda_reason),
-                    Provider("compiled", _setup(scored, stride, True), _cuda_reason),
+                    Provider("eager", _setup(scored, stride, False), needs_cuda),
+                    Provider("compiled", _setup(scored, stride, True), needs_cuda),
                 ],
                 baseline="eager",
                 x="stride",

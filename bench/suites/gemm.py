@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.registry import Case, Provider, register
+from bench.registry import Case, Provider, needs_cuda, register
 
 TOKENS = 98304
 D_MODEL = 512
@@ -26,10 +26,6 @@ SHAPES = [
     ("wgrad", D_MLP, D_MODEL, TOKENS, True, False),
     ("square", 8192, 8192, 8192, False, False),
 ]
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
 
 def _operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
@@ -60,7 +56,7 @@ def cases(quick: bool) -> list[Case]:
                 params={"role": role, "M": m, "N": n, "K": k, "shape": f"{m}x{n}x{k}", "layout": layout},
                 flops=2.0 * m * n * k,
                 bytes=2.0 * (m * k + k * n + m * n),  # bf16: read A and B once, write C once
-                providers=[Provider("cublas", _mm_setup(m, n, k, a_t, b_t), _cuda_reason)],
+                providers=[Provider("cublas", _mm_setup(m, n, k, a_t, b_t), needs_cuda)],
                 baseline="cublas",
                 x="shape",
                 notes=f"A{' (transposed view)' if a_t else ''} @ B{' (transposed view)' if b_t else ''}",

@@ -15,19 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels.mlp as mlp
-from bench.registry import Case, Provider, register
-from kernels._runtime import platform_blocker
+from bench.registry import Case, Provider, needs_cuda, needs_our_kernels, register
 
 K, N = 512, 2048
 BF16 = 2  # bytes
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
-
-
-def _ours_reason() -> str | None:
-    return _cuda_reason() or platform_blocker("cuda", 0)
 
 
 def _operands(M: int, requires_grad: bool = False):
@@ -154,7 +145,7 @@ def cases(quick: bool) -> list[Case]:
         make = _kernel_setup if kernel_mode else _whole_setup
         for M in sizes:
             providers = [
-                Provider(name, make(M, mode, name), _ours_reason if name == "ours" else _cuda_reason)
+                Provider(name, make(M, mode, name), needs_our_kernels if name == "ours" else needs_cuda)
                 for name in ("eager", "compile", "cublas", "ours")
             ]
             out.append(

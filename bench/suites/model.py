@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from bench.registry import Case, Provider, register
+from bench.registry import Case, Provider, needs_cuda, register
 
 BATCH, SEQ_LEN = 48, 2048
 QUICK_BATCH = 16
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
 
 def _setup(batch: int, looping: bool, impl: str):
@@ -67,8 +63,8 @@ def cases(quick: bool) -> list[Case]:
                 flops=counter.flops_per_token(looping, SEQ_LEN) * tokens,
                 bytes=0.0,
                 providers=[
-                    Provider("compile+ref", _setup(batch, looping, "torch"), _cuda_reason),
-                    Provider("compile+ours", _setup(batch, looping, "auto"), _cuda_reason),
+                    Provider("compile+ref", _setup(batch, looping, "torch"), needs_cuda),
+                    Provider("compile+ours", _setup(batch, looping, "auto"), needs_cuda),
                 ],
                 baseline="compile+ref",
                 series=("looping",),

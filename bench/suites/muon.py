@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from bench.registry import Case, Provider, register
+from bench.registry import Case, Provider, needs_cuda, register
 from optim import BankedNewtonSchulz, Muon, ns_flops
 
 STEPS = 5
@@ -41,10 +41,6 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = STEPS, eps: float 
     if G.size(-2) > G.size(-1):
         X = X.mT
     return X
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
 
 def _stacks(shapes: dict) -> list[torch.Tensor]:
@@ -96,14 +92,14 @@ def _ns_case(label: str, shapes: dict, loop: bool) -> Case:
     elements = sum(m * n for m, n in mats)
     providers = []
     if loop:
-        providers.append(Provider("per-matrix loop", _loop(shapes), _cuda_reason))
+        providers.append(Provider("per-matrix loop", _loop(shapes), needs_cuda))
     providers += [
-        Provider("batched eager", _batched(shapes, False, False), _cuda_reason),
-        Provider("batched torch.compile", _batched(shapes, True, False), _cuda_reason),
-        Provider("batched torch.compile graphed", _batched(shapes, True, True), _cuda_reason),
-        Provider("ours", _ours(shapes), _cuda_reason),
-        Provider("ours no-merge", _ours(shapes, merge=False), _cuda_reason),
-        Provider("ours no-streams", _ours(shapes, streams=False), _cuda_reason),
+        Provider("batched eager", _batched(shapes, False, False), needs_cuda),
+        Provider("batched torch.compile", _batched(shapes, True, False), needs_cuda),
+        Provider("batched torch.compile graphed", _batched(shapes, True, True), needs_cuda),
+        Provider("ours", _ours(shapes), needs_cuda),
+        Provider("ours no-merge", _ours(shapes, merge=False), needs_cuda),
+        Provider("ours no-streams", _ours(shapes, streams=False), needs_cuda),
     ]
     return Case(
         suite="muon",
@@ -171,10 +167,10 @@ def cases(quick: bool) -> list[Case]:
             flops=float(sum(ns_flops(m, n, STEPS) for m, n in mats)),
             bytes=float(elements * (4 + 2 + 2 + 4 + 4)),
             providers=[
-                Provider("seed-style step", _seed_muon_step(), _cuda_reason),
-                Provider("ours eager", _muon_step(False), _cuda_reason),
-                Provider("ours", _muon_step(True), _cuda_reason),
-                Provider("ours no-streams", _muon_step(True, streams=False), _cuda_reason),
+                Provider("seed-style step", _seed_muon_step(), needs_cuda),
+                Provider("ours eager", _muon_step(False), needs_cuda),
+                Provider("ours", _muon_step(True), needs_cuda),
+                Provider("ours no-streams", _muon_step(True, streams=False), needs_cuda),
             ],
             baseline="seed-style step",
             x="what",

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from bench.registry import Case, Provider, register
+from bench.registry import Case, Provider, needs_cuda, register
 
 MICRO_SEQS, SEQ_LEN = 48, 2048
 SETTINGS = {
     "reference": {"kernels": "torch", "muon_impl": "per_matrix"},
     "ours": {"kernels": "auto", "muon_impl": "banked"},
 }
-
-
-def _cuda_reason() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
 
 class _FixedBatches:
@@ -108,9 +104,7 @@ def cases(quick: bool) -> list[Case]:
                     },
                     flops=counter.flops_per_token(looping, SEQ_LEN) * tokens,
                     bytes=0.0,
-                    providers=[
-                        Provider(name, _setup(looping, accum, name), _cuda_reason) for name in SETTINGS
-                    ],
+                    providers=[Provider(name, _setup(looping, accum, name), needs_cuda) for name in SETTINGS],
                     baseline="reference",
                     x="accum",
                     series=("looping",),

@@ -41,6 +41,14 @@ def ns64(X: torch.Tensor, coeffs) -> torch.Tensor:
     return X.mT if tall else X
 
 
+def same_random_grads(ours, theirs) -> None:
+    """Random gradients on our banked params, and the same slices on torch's per-matrix params."""
+    for p in ours:
+        p.grad = torch.randn_like(p)
+    for t, g in zip(theirs, [s for p in ours for s in slices(p.grad)]):
+        t.grad = g.clone()
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_matches_torch_muon_slice_by_slice_exactly(monkeypatch, nesterov):
     """row_normalize=False, fp32 momentum, NS replaced by float64 on both sides: the update semantics
@@ -55,10 +63,7 @@ def test_matches_torch_muon_slice_by_slice_exactly(monkeypatch, nesterov):
     opt = Muon(ours, row_normalize=False, momentum_dtype=torch.float32, **kw)
     ref = torch.optim.Muon(theirs, **kw)
     for _ in range(3):
-        for p in ours:
-            p.grad = torch.randn_like(p)
-        for t, g in zip(theirs, [s for p in ours for s in slices(p.grad)]):
-            t.grad = g.clone()
+        same_random_grads(ours, theirs)
         opt.step()
         ref.step()
     start = iter(theirs)
@@ -77,10 +82,7 @@ def test_matches_torch_muon_with_bf16_newton_schulz():
         ours, lr=0.03, momentum=0.95, weight_decay=0.1, row_normalize=False, momentum_dtype=torch.float32
     )
     ref = torch.optim.Muon(theirs, lr=0.03, momentum=0.95, weight_decay=0.1)
-    for p in ours:
-        p.grad = torch.randn_like(p)
-    for t, g in zip(theirs, [s for p in ours for s in slices(p.grad)]):
-        t.grad = g.clone()
+    same_random_grads(ours, theirs)
     opt.step()
     ref.step()
     ours_delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(ours, before)])
