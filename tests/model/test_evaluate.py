@@ -198,3 +198,18 @@ def test_ttt_restores_model_on_error(stream):
     with pytest.raises(ValueError, match="chunk_tokens"):
         ev.ttt_score_first(m, stream, None, seq_len=SEQ, stride=STRIDE, chunk_tokens=0)
     assert m.hash_embed is None
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_ttt_scores_like_sliding_then_adapts(stream, byte_counter):
+    """On CUDA (bf16 autocast, compiled scorer): TTT at lr 0 scores exactly as the sliding window; with
+    the record's lr it adapts and every chunk is still scored once."""
+    toks = stream[: 4 * CHUNK + 1]
+    m = random_gpt(8, looping=True).cuda()
+    s = ev.eval_sliding_window(m, toks, SEQ, STRIDE, 4, byte_counter)
+    zero = _ttt(m, toks, byte_counter, lr=0.0)
+    assert zero["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6) and zero["tokens"] == s["tokens"]
+    adapted = _ttt(random_gpt(8, looping=True).cuda(), toks, byte_counter, lr=0.01)
+    assert adapted["chunk_tokens_scored"] == [CHUNK] * 4 and adapted["train_steps"] == 3 * 3 * 2
+    assert adapted["chunk_loss_sum"][0] == pytest.approx(zero["chunk_loss_sum"][0], rel=1e-6)
+    assert adapted["chunk_loss_sum"][1:] != zero["chunk_loss_sum"][1:]
