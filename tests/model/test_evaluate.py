@@ -202,14 +202,17 @@ def test_ttt_restores_model_on_error(stream):
 
 @pytest.mark.gpu
 def test_gpu_compiled_ttt_scores_like_sliding_then_adapts(stream, byte_counter):
-    """On CUDA (bf16 autocast, compiled scorer): TTT at lr 0 scores exactly as the sliding window; with
-    the record's lr it adapts and every chunk is still scored once."""
+    """On CUDA (bf16 autocast, compiled scorer): TTT at lr 0 without the hash embedding scores as the
+    sliding window (the same compiled graph); with the record's lr it adapts, chunk 0 is scored before
+    any update, and every chunk is scored once. (With the zero-initialised hash embedding the graph has
+    one more add, which inductor fuses differently: bf16 rounding, ~4e-5 relative on this model.)"""
     toks = stream[: 4 * CHUNK + 1]
     m = random_gpt(8, looping=True).cuda()
     s = ev.eval_sliding_window(m, toks, SEQ, STRIDE, 4, byte_counter)
-    zero = _ttt(m, toks, byte_counter, lr=0.0)
-    assert zero["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6) and zero["tokens"] == s["tokens"]
+    plain = _ttt(m, toks, byte_counter, lr=0.0, hash_embed=False)
+    assert plain["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6) and plain["tokens"] == s["tokens"]
+    frozen = _ttt(random_gpt(8, looping=True).cuda(), toks, byte_counter, lr=0.0)
     adapted = _ttt(random_gpt(8, looping=True).cuda(), toks, byte_counter, lr=0.01)
     assert adapted["chunk_tokens_scored"] == [CHUNK] * 4 and adapted["train_steps"] == 3 * 3 * 2
-    assert adapted["chunk_loss_sum"][0] == pytest.approx(zero["chunk_loss_sum"][0], rel=1e-6)
-    assert adapted["chunk_loss_sum"][1:] != zero["chunk_loss_sum"][1:]
+    assert adapted["chunk_loss_sum"][0] == pytest.approx(frozen["chunk_loss_sum"][0], rel=1e-6)
+    assert adapted["chunk_loss_sum"][1:] != frozen["chunk_loss_sum"][1:]
