@@ -70,7 +70,7 @@ class Config:
     model_preset: str = "record"
     model_overrides: dict = field(default_factory=dict)
     embed_dtype: str = "bfloat16"  # the tied embedding's master dtype; it sets the activation dtype
-    kernels: str = "auto"  # fused MLP / softcapped CE: auto | triton | torch (reference)
+    kernels: str = "auto"  # fused MLP / softcapped CE / attention: auto | triton | torch (reference)
     muon_impl: str = "banked"  # banked (ours) | per_matrix (one Muon per 2-D matrix: the reference)
     compile: str = "auto"  # torch.compile the model: auto (on CUDA) | on | off
     # optimisers (SPEC §5.1-5.2)
@@ -242,6 +242,8 @@ def model_config(cfg: Config, device: torch.device):
     overrides = dict(cfg.model_overrides)
     overrides.setdefault("mlp_impl", impl)
     overrides.setdefault("ce_impl", impl)
+    # The reference kernels get PyTorch's own attention selection, as the record's script without FA3.
+    overrides.setdefault("attn_impl", "sdpa" if impl == "torch" else "auto")
     return get_config(cfg.model_preset, train_seq_len=cfg.train_seq_len, **overrides)
 
 

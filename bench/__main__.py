@@ -1,9 +1,10 @@
-"""python -m bench env | run | plot | gate
+"""python -m bench env | run | plot | gate | profile
 
 python -m bench env [--measure-ceilings] [--json]      what this machine is (and its ceilings)
 python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> results/<time>-<sha>/ JSON + CSV
 python -m bench plot RESULTS.json ... [--out DIR]      PNGs per suite and metric
 python -m bench gate [--update] [--threshold PCT]      pytest-benchmark regression gate (GPU)
+python -m bench profile [--accum N] [--looping MODE]   where one train.py step goes (torch.profiler)
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ def cmd_gate(args) -> int:
     return run_gate(update=args.update, threshold=args.threshold, **kwargs)
 
 
+def cmd_profile(args) -> int:
+    from bench.profile import run_profile
+
+    return run_profile(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench.gate import BASELINES_DIR, DEFAULT_THRESHOLD_PCT
 
@@ -194,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baselines", help=f"baseline folder (default {BASELINES_DIR})")
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("profile", help="profile one train.py step: GPU time by family, ours vs reference")
+    p.add_argument("--accum", type=int, default=8, help="micro-batches of 48 x 2048 per step (default 8)")
+    p.add_argument("--looping", choices=("flat", "looped", "both"), default="both", help="loop mode(s)")
+    p.add_argument("--providers", help="comma-separated: reference,ours (default both)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation; default 3)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps for the step time (default 5)")
+    p.add_argument("--out", help="output folder (default results/profile-<UTC time>-<git sha>/)")
+    p.add_argument("--dry-run", action="store_true", help="no GPU: synthetic trace, fake times (marked)")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 

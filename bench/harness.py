@@ -156,6 +156,7 @@ def new_record(case: Case, provider: str) -> dict:
         "pct_copy_ceiling": None,
         "tokens_per_s": None,
         "speedup": None,
+        "accuracy": None,
     }
 
 
@@ -186,6 +187,8 @@ def measure_provider(case: Case, provider: Provider, ceilings: dict, *, dry_run:
         if reason:
             rec.update(status="skipped", reason=str(reason))
             return rec
+        if provider.check is not None:
+            rec["accuracy"] = provider.check()
         fn = provider.setup()
         # CUDA-graph replays allocate from the graph's private pool, invisible to the allocator stats
         rec["peak_mem_bytes"] = None if case.cuda_graph else peak_memory_bytes(fn)

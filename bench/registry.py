@@ -32,11 +32,14 @@ class Provider:
 
     setup: allocates inputs (on the GPU) and returns the callable that is timed.
     unavailable: returns None when the provider can run here, else the reason it is skipped.
+    check: optional; returns the provider's accuracy against the case's reference (a JSON-able dict,
+        stored in the record as `accuracy`), run once before timing.
     """
 
     name: str
     setup: Callable[[], Callable[[], object]]
     unavailable: Callable[[], str | None] = lambda: None
+    check: Callable[[], dict] | None = None
 
 
 @dataclass

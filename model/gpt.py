@@ -31,11 +31,6 @@ import kernels
 
 from .config import GPTConfig
 
-try:  # FlashAttention-3 (Hopper); optional, SDPA is the default everywhere else.
-    from flash_attn_interface import flash_attn_func as _fa3_func
-except ImportError:
-    _fa3_func = None
-
 Observer = Callable[[tuple, torch.Tensor], None]
 
 # Legacy (unbanked, PR #1493) names of the per-layer matrices, in SPEC §4.2 order.
@@ -108,22 +103,6 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (y - (y * vn).sum(dim=-1, keepdim=True) * vn).reshape(b, t, h, d)
 
 
-def _attention_core(q, k, v, impl: str) -> torch.Tensor:
-    """Causal GQA attention, (B,T,H,D) in and out, default 1/sqrt(D) scale."""
-    use_fa3 = impl == "fa3" or (
-        impl == "auto" and _fa3_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-    )
-    if use_fa3:
-        if _fa3_func is None:
-            raise RuntimeError("attn_impl='fa3' but flash_attn_interface is not importable")
-        out = _fa3_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-    )
-    return y.transpose(1, 2)
-
-
 class Block(nn.Module):
     """One physical layer's small parameters and its two sublayers; matrices come as arguments."""
 
@@ -155,7 +134,7 @@ class Block(nn.Module):
         q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = _attention_core(q, k, v, attn_impl)
+        y = kernels.causal_attention(q, k, v, attn_impl)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         y = y.reshape(b, t, -1)

@@ -3,8 +3,10 @@
 Both loop modes (11 and 17 virtual layers). Model in training dtypes (bf16 embedding master, fp32
 banks and scalars cast per use, bf16 activations), compiled with torch.compile(fullgraph=True,
 dynamic=False), gradients reset to None inside each timed call. Providers:
-  compile+ref   MLP and loss through the torch references (mlp_impl = ce_impl = "torch"); the baseline
-  compile+ours  our fused MLP and fused softcapped cross-entropy (impl "auto")
+  compile+ref   MLP and loss through the torch references (mlp_impl = ce_impl = "torch") and PyTorch's
+                own attention selection (attn_impl = "sdpa"); the baseline
+  compile+ours  our fused MLP and fused softcapped cross-entropy (impl "auto") and the measured fastest
+                correct attention backend (attn_impl = "auto", kernels/attention.py)
 flops = GPT.flops_per_token(looping) x tokens (matmuls incl. LM head + causal attention, 3x forward),
 so TFLOP/s and % of the matmul ceiling read as MFU. bytes = 0: a training step is not a bandwidth
 figure. Peak memory is what the step allocates beyond the resident weights.
@@ -25,7 +27,9 @@ def _setup(batch: int, looping: bool, impl: str):
         from model import GPT, get_config
 
         torch.manual_seed(0)
-        model = GPT(get_config("record", mlp_impl=impl, ce_impl=impl)).cuda().to_training_dtypes()
+        attn = "sdpa" if impl == "torch" else "auto"  # the reference: PyTorch's own attention selection
+        model = GPT(get_config("record", mlp_impl=impl, ce_impl=impl, attn_impl=attn)).cuda()
+        model.to_training_dtypes()
         model.set_looping(looping)
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
         vocab = model.config.vocab_size

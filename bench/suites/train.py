@@ -16,6 +16,8 @@ tokens (matmuls + causal attention, fwd+bwd = 3x fwd), so TFLOP/s over the matmu
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from bench.registry import Case, Provider, needs_cuda, register
@@ -37,40 +39,55 @@ class _FixedBatches:
         return self.batches[j]
 
 
+def build(provider: str, accum: int, looping: bool = False) -> SimpleNamespace:
+    """train.py's pieces for one provider at the record config: cfg, model, model_c (compiled), opts,
+    batches (fixed, on the GPU), pd, log. The step profile (bench/profile.py) builds from this too."""
+    import train as T
+
+    device = torch.device("cuda")
+    cli = {
+        "grad_accum_steps": accum,
+        "train_batch_tokens": accum * MICRO_SEQS * SEQ_LEN,
+        **SETTINGS[provider],
+    }
+    cfg = T.resolve_config("record", env={}, cli=cli)
+    model = T.build_model(cfg, device)
+    model.set_looping(looping)
+    opts = T.Optimizers(model, cfg, device)
+    opts.set_schedule(1.0, cfg.muon_momentum)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (MICRO_SEQS, SEQ_LEN)
+    batches = _FixedBatches(
+        [
+            tuple(torch.randint(0, vocab, shape, device=device, generator=gen) for _ in range(2))
+            for _ in range(accum)
+        ]
+    )
+    return SimpleNamespace(
+        cfg=cfg,
+        model=model,
+        model_c=T.compile_model(model, cfg, device),
+        opts=opts,
+        batches=batches,
+        accum=accum,
+        device=device,
+        pd=T.Dist(device=device),
+        log=T.Logger(None, main=False),
+    )
+
+
 def _setup(looping: bool, accum: int, provider: str):
     def setup():
         import train as T
 
-        device = torch.device("cuda")
-        cli = {
-            "grad_accum_steps": accum,
-            "train_batch_tokens": accum * MICRO_SEQS * SEQ_LEN,
-            **SETTINGS[provider],
-        }
-        cfg = T.resolve_config("record", env={}, cli=cli)
-        model = T.build_model(cfg, device)
-        model.set_looping(looping)
-        model_c = T.compile_model(model, cfg, device)
-        opts = T.Optimizers(model, cfg, device)
-        opts.set_schedule(1.0, cfg.muon_momentum)
-        vocab = model.config.vocab_size
-        gen = torch.Generator(device=device).manual_seed(0)
-        batches = _FixedBatches(
-            [
-                tuple(
-                    torch.randint(0, vocab, (MICRO_SEQS, SEQ_LEN), device=device, generator=gen)
-                    for _ in range(2)
-                )
-                for _ in range(accum)
-            ]
-        )
-        pd, log = T.Dist(device=device), T.Logger(None, main=False)
+        r = build(provider, accum, looping)
 
         def step():
-            loss = T.forward_backward(model_c, batches, accum, device)
-            norm = T.clip_gradients(opts.params, cfg.grad_clip_norm)
-            T.check_finite(loss, norm, 0, pd, log)
-            opts.step()
+            loss = T.forward_backward(r.model_c, r.batches, r.accum, r.device)
+            norm = T.clip_gradients(r.opts.params, r.cfg.grad_clip_norm)
+            T.check_finite(loss, norm, 0, r.pd, r.log)
+            r.opts.step()
 
         return step
 

@@ -1,0 +1,161 @@
+"""Attention backends (kernels/attention.py): reference, each backend, the measured choice, the fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.attention as attn
+from kernels import causal_attention, causal_attention_ref
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def qkv(b, t, h, hkv, d, dtype=torch.float32, device="cpu"):
+    return [torch.randn(b, t, n, d, dtype=dtype, device=device, requires_grad=True) for n in (h, hkv, hkv)]
+
+
+def out_and_grads(fn, q, k, v, g):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, g.to(out.dtype))]
+
+
+def naive_attention(q, k, v):
+    """Row by row, independently of causal_attention_ref: position i attends to 0..i of its KV head."""
+    b, t, h, d = q.shape
+    group = h // k.shape[2]
+    out = torch.empty_like(q)
+    for i in range(t):
+        for head in range(h):
+            s = (k[:, : i + 1, head // group] @ q[:, i, head, :, None]).squeeze(-1) / d**0.5
+            out[:, i, head] = (s.softmax(-1)[:, None, :] @ v[:, : i + 1, head // group]).squeeze(1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "b,t,h,hkv,d", [(1, 1, 2, 1, 8), (2, 13, 4, 2, 16), (1, 37, 8, 4, 8), (3, 9, 3, 3, 4)]
+)
+def test_reference_matches_naive_attention(b, t, h, hkv, d):
+    q, k, v = (x.double() for x in qkv(b, t, h, hkv, d))
+    assert rel_err(causal_attention_ref(q, k, v), naive_attention(q, k, v)) < 1e-12
+
+
+CPU_BACKENDS = ["sdpa", "math", "flash", "math+expand", "flash+expand"]
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+@pytest.mark.parametrize("b,t,h,hkv,d", [(1, 37, 8, 4, 16), (2, 64, 4, 1, 32)])
+def test_backends_match_reference_in_fp64(impl, b, t, h, hkv, d):
+    q, k, v = (x.double() for x in qkv(b, t, h, hkv, d))
+    g = torch.randn(b, t, h, d, dtype=torch.float64)
+    got = out_and_grads(lambda *x: causal_attention(*x, impl=impl), q, k, v, g)
+    want = out_and_grads(causal_attention_ref, q, k, v, g)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(a, r) < 1e-10, (impl, name, rel_err(a, r))
+
+
+def test_auto_on_cpu_is_pytorchs_own_selection():
+    q, k, v = qkv(2, 16, 4, 2, 8)
+    assert torch.equal(causal_attention(q, k, v, "auto"), causal_attention(q, k, v, "sdpa"))
+    rec = next(r for r in attn.selections() if r["choice"] == "sdpa")
+    assert "cpu" in rec["why"]
+
+
+@pytest.mark.parametrize("impl,named", [("cudnn", "cudnn"), ("fa3", "flash_attn_interface")])
+def test_forcing_a_backend_that_cannot_run_names_it(impl, named):
+    q, k, v = qkv(1, 8, 2, 1, 8)
+    with pytest.raises(ValueError, match=named) as err:
+        causal_attention(q, k, v, impl)
+    assert repr(impl) in str(err.value)
+
+
+def test_bad_arguments_are_refused():
+    q, k, v = qkv(1, 8, 4, 2, 8)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        causal_attention(q, k, v, "flash3")
+    with pytest.raises(ValueError, match="not a multiple"):
+        causal_attention(q, k[:, :, :1].expand(1, 8, 3, 8), v[:, :, :1].expand(1, 8, 3, 8))
+
+
+def test_measure_picks_the_fastest_correct_and_skips_the_rest(monkeypatch):
+    """A wrong kernel is never chosen however fast; an unavailable one is skipped with its reason."""
+    real_run, real_time = attn._run, attn._time_fwd_bwd
+
+    def run(q, k, v, impl):
+        if impl == "flash":  # planted error: 1% of the output
+            return real_run(q, k, v, "math") * 1.01
+        if impl == "efficient":
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real_run(q, k, v, impl)
+
+    fake_ms = {"flash": 0.1, "math": 5.0, "math+expand": 3.0, "sdpa": 4.0}
+    monkeypatch.setattr(attn, "_run", run)
+    monkeypatch.setattr(attn, "_time_fwd_bwd", lambda impl, *a: fake_ms[impl])
+    rec = attn.measure(
+        (2, 64, 4, 2, 16),
+        torch.float32,
+        torch.device("cpu"),
+        ("flash", "efficient", "math", "math+expand", "fa3"),
+    )
+    table = rec["candidates"]
+    assert table["flash"]["status"] == "wrong" and "out" in table["flash"]["reason"]
+    assert (
+        table["efficient"]["status"] == "unavailable"
+        and "No available kernel" in table["efficient"]["reason"]
+    )
+    assert table["fa3"]["status"] == "unavailable"
+    assert rec["choice"] == "math+expand" and table["math+expand"]["ms"] == 3.0
+    # and with the planted error removed, flash is correct and (fake-)fastest
+    monkeypatch.setattr(attn, "_run", real_run)
+    rec = attn.measure((2, 64, 4, 2, 16), torch.float32, torch.device("cpu"), ("flash", "math"))
+    assert rec["candidates"]["flash"]["status"] == "ok" and rec["choice"] == "flash"
+    monkeypatch.setattr(attn, "_time_fwd_bwd", real_time)
+
+
+def test_measure_without_a_usable_candidate_falls_back_to_sdpa():
+    rec = attn.measure((1, 16, 2, 1, 8), torch.float32, torch.device("cpu"), ("cudnn", "fa3"))
+    assert rec["choice"] == "sdpa" and "own selection" in rec["why"]
+    assert {e["status"] for e in rec["candidates"].values()} == {"unavailable"}
+
+
+def test_compiled_model_attention_matches_eager():
+    q, k, v = qkv(2, 24, 4, 2, 8)
+    g = torch.randn(2, 24, 4, 8)
+    compiled = torch.compile(lambda a, b, c: causal_attention(a, b, c, "auto"), fullgraph=True)
+    for a, r in zip(out_and_grads(compiled, q, k, v, g), out_and_grads(causal_attention_ref, q, k, v, g)):
+        assert rel_err(a, r) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["sdpa", "auto", *attn.CANDIDATES])
+def test_gpu_backends_match_fp32_math_in_bf16(impl):
+    """Every backend this GPU can run, bf16 at the record's heads: within 2x the bf16 op-by-op error."""
+    b, t, h, hkv, d = 4, 1024, 8, 4, 64
+    q, k, v = qkv(b, t, h, hkv, d, torch.bfloat16, "cuda")
+    g = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16)
+    try:
+        got = out_and_grads(lambda *x: causal_attention(*x, impl=impl), q, k, v, g)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    want = out_and_grads(causal_attention_ref, *(x.float() for x in (q, k, v)), g.float())
+    same_dtype = out_and_grads(causal_attention_ref, q, k, v, g)
+    for name, a, r, bf in zip(("out", "dq", "dk", "dv"), got, want, same_dtype):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, r) <= 2 * rel_err(bf, r) + 1e-4, (impl, name, rel_err(a, r), rel_err(bf, r))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_is_measured_where_compile_traces_and_recorded():
+    """Under autocast, inside torch.compile: the choice is the fastest correct candidate, and it runs."""
+    q, k, v = qkv(2, 512, 8, 4, 64, torch.bfloat16, "cuda")
+    compiled = torch.compile(lambda a, b, c: causal_attention(a, b, c, "auto"), fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = compiled(q, k, v)
+    rec = next(r for r in attn.selections() if r.get("shape", {}).get("seq_len") == 512)
+    chosen = rec["candidates"][rec["choice"]]
+    assert chosen["status"] == "ok" and rec["choice"] in attn.CANDIDATES
+    assert all(chosen["ms"] <= e["ms"] for e in rec["candidates"].values() if "ms" in e)
+    assert rel_err(out, causal_attention(q, k, v, rec["choice"])) < 1e-2
