@@ -15,6 +15,8 @@ import torch
 
 log = logging.getLogger("golfbench.kernels")
 
+IMPLS = ("auto", "triton", "torch")
+
 _logged: set[str] = set()
 
 
@@ -27,6 +29,21 @@ def log_once(key: str, message: str) -> None:
     if key not in _logged:
         _logged.add(key)
         log.info(message)
+
+
+def use_triton(op: str, impl: str, blocker: str | None) -> bool:
+    """The one dispatch rule of every kernel: run Triton or the PyTorch reference?
+
+    "torch": the reference. "triton": the kernel, or ValueError saying what blocks it. "auto": the
+    kernel unless something blocks it, else the reference with the reason logged once."""
+    if impl == "torch":
+        return False
+    if blocker is None:
+        return True
+    if impl == "triton":
+        raise ValueError(f"{op}: impl='triton' cannot run: {blocker}")
+    log_once(f"{op}:{blocker}", f"{op}: using the PyTorch reference because {blocker}")
+    return False
 
 
 def interpreter_active() -> bool:
@@ -69,8 +86,14 @@ def platform_blocker(device_type: str, device_index: int = 0) -> str | None:
     """tma_unavailable_reason() for a device given as constants (`t.device.type, t.device.index or 0`).
 
     torch.compile evaluates it once at trace time and folds the answer into the graph, so the
-    kernels' dispatch costs no graph break and no guard on the environment.
+    kernels' dispatch costs no graph break and no guard on the environment. Eager calls hit a cache
+    keyed by everything the answer depends on (the interpreter switch included).
     """
+    return _platform_reason(device_type, device_index, interpreter_active())
+
+
+@functools.cache
+def _platform_reason(device_type: str, device_index: int, _interpreter: bool) -> str | None:
     if device_type == "cuda":
         return tma_unavailable_reason(torch.device("cuda", device_index))
     return tma_unavailable_reason(torch.device(device_type))

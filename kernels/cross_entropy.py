@@ -38,11 +38,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import interpreter_active, log_once, platform_blocker
+from ._runtime import IMPLS as _IMPLS
+from ._runtime import interpreter_active, platform_blocker, use_triton
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _REDUCTIONS = ("mean", "none")
-_IMPLS = ("auto", "triton", "torch")
 # exp(s - c) >= exp(-2c) must stay a normal fp32 number (smallest normal ~ exp(-87.3)).
 _MAX_SOFTCAP = 40.0
 
@@ -280,16 +280,14 @@ def _validate(logits, targets, softcap, reduction, impl) -> None:
         raise ValueError(f"softcap must be a number in (0, {_MAX_SOFTCAP}], got {softcap!r}")
 
 
-def _triton_unavailable_reason(logits: torch.Tensor, targets: torch.Tensor) -> tuple[str, str] | None:
-    """None when the kernel can take these tensors, else (argument name, reason)."""
+def _triton_blocker(logits: torch.Tensor) -> str | None:
+    """None when the kernel can take these logits, else the reason (naming the argument)."""
     if logits.dtype not in _DTYPES:
-        return "logits", f"dtype {logits.dtype} is not one of bf16/fp16/fp32"
+        return f"logits dtype {logits.dtype} is not one of bf16/fp16/fp32"
     if logits.stride(1) != 1:
-        return "logits", f"must be contiguous along V (strides {logits.stride()})"
+        return f"logits must be contiguous along V (strides {logits.stride()})"
     reason = platform_blocker(logits.device.type, logits.device.index or 0)
-    if reason:
-        return "logits", reason
-    return None
+    return f"logits: {reason}" if reason else None
 
 
 def softcapped_cross_entropy(
@@ -305,21 +303,8 @@ def softcapped_cross_entropy(
     fp32. The gradient has the logits' dtype. See the module docstring for impl and target rules.
     """
     _validate(logits, targets, softcap, reduction, impl)
-    use_triton = impl == "triton"
-    if impl == "auto":
-        why = _triton_unavailable_reason(logits, targets)
-        if why is None:
-            use_triton = True
-        else:
-            log_once(
-                f"ce-fallback:{why[1]}",
-                f"softcapped_cross_entropy: using the reference ({why[0]}: {why[1]})",
-            )
-    elif use_triton:
-        why = _triton_unavailable_reason(logits, targets)
-        if why is not None:
-            raise ValueError(f"impl='triton' cannot run: {why[0]} {why[1]}")
-    if not use_triton:
+    blocker = None if impl == "torch" else _triton_blocker(logits)
+    if not use_triton("softcapped_cross_entropy", impl, blocker):
         return softcapped_cross_entropy_ref(logits, targets, softcap, reduction)
 
     loss, _ = _ce_fwd_op(logits, targets, float(softcap))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import interpreter_active, log_once, num_sms, platform_blocker
+from ._runtime import IMPLS, interpreter_active, num_sms, platform_blocker, use_triton
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -145,68 +145,132 @@ def _config(forward: bool) -> dict:
     return dict(_INTERPRETER_CONFIG) if interpreter_active() else dict(_H100_CONFIG[forward])
 
 
+# Compiled kernels by everything Triton specialises this launch on. Launching a cached CompiledKernel
+# skips the JIT's per-call argument binding and cache-key hashing (~30 us a launch on the H200 host).
+_compiled: dict[tuple, object] = {}
+
+
 def _launch(a, b, post, out, signs, forward: bool) -> None:
+    """One persistent launch: FORWARD writes post = f(a @ b.T) and signs; otherwise out = (a @ b.T) *
+    f'(pre) from post and signs. The forward passes `post` for `out` too: FORWARD is a constexpr, so
+    the forward kernel contains no access to out_desc at all and the aliasing cannot race."""
     M, K = a.shape
     N = b.shape[0]
     cfg = _config(forward)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
-    b_desc = TensorDescriptor.from_tensor(b, [bn, bk])
-    post_desc = TensorDescriptor.from_tensor(post, [bm, bn // 2])
-    out_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2])
+    half = [bm, bn // 2]
+    descs = (
+        TensorDescriptor.from_tensor(a, [bm, bk]),
+        TensorDescriptor.from_tensor(b, [bn, bk]),
+        TensorDescriptor.from_tensor(post, half),
+        TensorDescriptor.from_tensor(out, half),
+    )
     sms = num_sms(a.device.index or 0)
     grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    _mlp_gemm_kernel[grid](
-        a_desc, b_desc, post_desc, out_desc, signs, M, N, K, signs.shape[1],
-        FORWARD=forward, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_SMS=sms, **cfg,
-    )  # fmt: skip
+    n_words = signs.shape[1]
+    args = (*descs, signs, M, N, K, n_words, forward, bm, bn, bk, sms)
+    # Triton specialises ints on divisibility by 16 and on == 1, pointers on 16-byte alignment.
+    key = (forward, a.dtype, a.device.index, N, K, n_words, M % 16 == 0, M == 1, signs.data_ptr() % 16 == 0)
+    kernel = _compiled.get(key)
+    if kernel is not None:
+        kernel[grid](*args)
+        return
+    names = ("FORWARD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_SMS")
+    kernel = _mlp_gemm_kernel[grid](*args[:9], **dict(zip(names, args[9:])), **cfg)
+    if not interpreter_active():  # the interpreter returns no compiled kernel
+        _compiled[key] = kernel
 
 
-# ----------------------------------------------------------------------------------------------
-# Ops: opaque to torch.compile (descriptors are only ever built on real tensors), with autograd
-# ----------------------------------------------------------------------------------------------
-
-
-def _sign_words(n: int) -> int:
+def sign_words(n: int) -> int:
+    """int32 words per row of the sign bits saved for backward: ceil(n / 32)."""
     return triton.cdiv(n, 32)
 
 
-@torch.library.custom_op("golfbench::fused_mlp_fwd", mutates_args=())
-def _fused_mlp_fwd(
-    x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, K), w_up (N, K), w_down (K, N) -> (out (M, K), post (M, N), signs (M, ceil(N/32)))."""
+def up_act(x: torch.Tensor, w_up: torch.Tensor, post=None, signs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel alone: x (M, K), w_up (N, K) -> (post = f(x @ w_up.T) (M, N), signs), into
+    `post` and `signs` when given (tests poison them first)."""
     M, N = x.shape[0], w_up.shape[0]
     x, w_up = _aligned(x), _aligned(w_up)
-    post = x.new_empty(M, N)
-    signs = torch.empty(M, _sign_words(N), dtype=torch.int32, device=x.device)
+    post = x.new_empty(M, N) if post is None else post
+    signs = torch.empty(M, sign_words(N), dtype=torch.int32, device=x.device) if signs is None else signs
     if M > 0:
         _launch(x, w_up, post, post, signs, forward=True)
-    return post @ w_down.t(), post, signs
+    return post, signs
 
 
-@_fused_mlp_fwd.register_fake
-def _(x, w_up, w_down):
-    M, N = x.shape[0], w_up.shape[0]
-    return (
-        x.new_empty(M, w_down.shape[0]),
-        x.new_empty(M, N),
-        x.new_empty(M, _sign_words(N), dtype=torch.int32),
-    )
-
-
-@torch.library.custom_op("golfbench::fused_mlp_act_grad", mutates_args=())
-def _fused_mlp_act_grad(
-    grad_out: torch.Tensor, w_down: torch.Tensor, post: torch.Tensor, signs: torch.Tensor
-) -> torch.Tensor:
-    """dpre = (grad_out @ w_down) * f'(pre), with f'(pre) rebuilt from post and the sign bits."""
-    dpre = torch.empty_like(post)
+def act_grad(grad_out: torch.Tensor, w_down: torch.Tensor, post, signs, out=None) -> torch.Tensor:
+    """The backward kernel alone: dpre = (grad_out @ w_down) * f'(pre), f' rebuilt from post and signs
+    (into `out` when given)."""
+    dpre = torch.empty_like(post) if out is None else out
     if post.shape[0] > 0:
         _launch(_aligned(grad_out), w_down.t().contiguous(), post, dpre, signs, forward=False)
     return dpre
 
 
-@_fused_mlp_act_grad.register_fake
+def _forward(x, w_up, w_down):
+    post, signs = up_act(x, w_up)
+    return post @ w_down.t(), post, signs
+
+
+def _gradients(needs, x, w_up, w_down, post, signs, grad_out, act_grad_fn=act_grad):
+    """(dx, dw_up, dw_down) for the inputs in `needs` (None for the others)."""
+    grad_out = grad_out.contiguous()
+    need_x, need_up, need_down = needs
+    dx = dw_up = dw_down = None
+    if need_down:
+        dw_down = grad_out.t() @ post
+    if need_x or need_up:
+        dpre = act_grad_fn(grad_out, w_down, post, signs)
+        dx = dpre @ w_up if need_x else None
+        dw_up = dpre.t() @ x if need_up else None
+    return dx, dw_up, dw_down
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd. Eager: a plain autograd.Function calling the launchers (no dispatcher on the path: the
+# custom ops cost ~60 us a call each in Python dispatch). Under torch.compile: custom ops, opaque to
+# the tracer (descriptors are only ever built on real tensors), with the same forward and backward.
+# ----------------------------------------------------------------------------------------------
+
+
+class _FusedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_up, w_down):
+        out, post, signs = _forward(x, w_up, w_down)
+        ctx.save_for_backward(x, w_up, w_down, post, signs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _gradients(ctx.needs_input_grad, *ctx.saved_tensors, grad_out)
+
+
+@torch.library.custom_op("golfbench::fused_mlp_fwd", mutates_args=())
+def _fused_mlp_fwd_op(
+    x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K), w_up (N, K), w_down (K, N) -> (out (M, K), post (M, N), signs (M, ceil(N/32)))."""
+    return _forward(x, w_up, w_down)
+
+
+@_fused_mlp_fwd_op.register_fake
+def _(x, w_up, w_down):
+    M, N = x.shape[0], w_up.shape[0]
+    return (
+        x.new_empty(M, w_down.shape[0]),
+        x.new_empty(M, N),
+        x.new_empty(M, sign_words(N), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("golfbench::fused_mlp_act_grad", mutates_args=())
+def _act_grad_op(
+    grad_out: torch.Tensor, w_down: torch.Tensor, post: torch.Tensor, signs: torch.Tensor
+) -> torch.Tensor:
+    return act_grad(grad_out, w_down, post, signs)
+
+
+@_act_grad_op.register_fake
 def _(grad_out, w_down, post, signs):
     return torch.empty_like(post)
 
@@ -221,23 +285,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_up, w_down, post, signs)
 
 
-def _backward(ctx, grad_out, _grad_post, _grad_signs):
-    x, w_up, w_down, post, signs = ctx.saved_tensors
+def _op_backward(ctx, grad_out, _grad_post, _grad_signs):
     if grad_out is None:  # the output did not reach the loss
         return None, None, None
-    grad_out = grad_out.contiguous()
-    need_x, need_up, need_down = ctx.needs_input_grad
-    dx = dw_up = dw_down = None
-    if need_down:
-        dw_down = grad_out.t() @ post
-    if need_x or need_up:
-        dpre = torch.ops.golfbench.fused_mlp_act_grad(grad_out, w_down, post, signs)
-        dx = dpre @ w_up if need_x else None
-        dw_up = dpre.t() @ x if need_up else None
-    return dx, dw_up, dw_down
+    act_grad_op = torch.ops.golfbench.fused_mlp_act_grad  # opaque to the compiled backward graph
+    return _gradients(ctx.needs_input_grad, *ctx.saved_tensors, grad_out, act_grad_op)
 
 
-_fused_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fused_mlp_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +354,7 @@ def fused_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, impl: s
     "torch" is the reference. Differentiable in x and both weights; traceable by
     torch.compile(fullgraph=True).
     """
-    if impl not in ("auto", "triton", "torch"):
+    if impl not in IMPLS:
         raise ValueError(f"fused_mlp: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if torch.is_autocast_enabled(x.device.type):  # behave like F.linear under autocast
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -312,13 +367,11 @@ def fused_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, impl: s
     w_up, w_down = w_up.contiguous(), w_down.contiguous()
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
+    compiling = torch.compiler.is_compiling()
     blocker = platform_blocker(x.device.type, x.device.index or 0) or _shape_blocker(x2d, w_up)
-    if blocker is None and not torch.compiler.is_compiling():
+    if blocker is None and not compiling:
         blocker = _alignment_blocker(x=x2d, w_up=w_up, w_down=w_down)
-    if blocker is not None:
-        if impl == "triton":
-            raise ValueError(f"fused_mlp(impl='triton'): {blocker}")
-        log_once(f"mlp:{blocker}", f"fused_mlp: using the PyTorch reference because {blocker}")
+    if not use_triton("fused_mlp", impl, blocker):
         return fused_mlp_ref(x, w_up, w_down)
-    out, _, _ = _fused_mlp_fwd(x2d, w_up, w_down)
+    out = _fused_mlp_fwd_op(x2d, w_up, w_down)[0] if compiling else _FusedMLP.apply(x2d, w_up, w_down)
     return out.reshape(*x.shape[:-1], w_down.shape[0])

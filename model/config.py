@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from kernels._runtime import IMPLS
 from kernels.attention import IMPLS as ATTN_IMPLS
-
-IMPLS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ Kernel-level modes (the two Triton kernels alone):
   act-grad  dpre = (dY @ w_down) * f'(pre)             bar: the cuBLAS GEMM dY @ w_down alone
 Whole-MLP modes (up, activation, down and all three gradients):
   fwd, bwd, fwd+bwd                                    bar: the same GEMMs in cuBLAS, nothing else
-Baseline for every ratio: torch.compile of the unfused math (the honest competitor).
+Baseline for every ratio: torch.compile of the unfused math (the honest competitor). "ours" runs the
+fused op inside torch.compile (as training does), "ours-eager" calls it directly. fwd+bwd at M = 16384
+is also timed as CUDA-graph replays ("graph" cases): plain minus graph is the per-call host cost.
 Shapes: K = 512, N = 2048 and M in {16384, 65536, 98304} tokens (98304 = one record micro-batch).
 """
 
@@ -19,6 +21,7 @@ from bench.registry import Case, Provider, needs_cuda, needs_our_kernels, regist
 
 K, N = 512, 2048
 BF16 = 2  # bytes
+PROVIDERS = ("eager", "compile", "cublas", "ours", "ours-eager")
 
 
 def _operands(M: int, requires_grad: bool = False):
@@ -47,22 +50,15 @@ def _kernel_setup(M: int, mode: str, provider: str):
             if provider == "cublas":
                 return lambda: x @ w_up.t()
             if provider == "ours":  # outputs allocated per call, as every other provider does
-
-                def up_act():
-                    post = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-                    signs = torch.empty(M, mlp._sign_words(N), device="cuda", dtype=torch.int32)
-                    mlp._launch(x, w_up, post, post, signs, forward=True)
-                    return post, signs
-
-                return up_act
+                return lambda: mlp.up_act(x, w_up)
             fn = torch.compile(_up_act) if provider == "compile" else _up_act
             return lambda: fn(x, w_up)
         # act-grad: the saved state each provider would have from its own forward
         if provider == "cublas":
             return lambda: g @ w_down
         if provider == "ours":
-            _, post, signs = mlp._fused_mlp_fwd(x, w_up, w_down)
-            return lambda: mlp._fused_mlp_act_grad(g, w_down, post, signs)
+            post, signs = mlp.up_act(x, w_up)
+            return lambda: mlp.act_grad(g, w_down, post, signs)
         pre = x @ w_up.t()
         fn = torch.compile(_act_grad) if provider == "compile" else _act_grad
         return lambda: fn(g, w_down, pre)
@@ -89,9 +85,12 @@ def _whole_setup(M: int, mode: str, provider: str):
         x, w_up, w_down, g = _operands(M, requires_grad=provider != "cublas")
         if provider == "cublas":
             return _gemms_only(mode, x.detach(), w_up.detach(), w_down.detach(), g)
-        # Both compiled, as training runs them: "ours" is the fused op inside a torch.compile graph.
+        # "ours" is the fused op inside a torch.compile graph, as training runs it; "ours-eager" calls
+        # it directly (already fused: nothing for the compiler to do but add its own per-call cost).
         if provider == "ours":
             fn = torch.compile(lambda a, b, c: mlp.fused_mlp(a, b, c, impl="triton"), fullgraph=True)
+        elif provider == "ours-eager":
+            fn = lambda a, b, c: mlp.fused_mlp(a, b, c, impl="triton")  # noqa: E731
         else:
             fn = (
                 torch.compile(mlp.fused_mlp_ref, fullgraph=True)
@@ -136,6 +135,11 @@ def _min_bytes(mode: str, M: int) -> float:
     return BF16 * elems
 
 
+# M at which the per-call host cost shows: the whole MLP fwd+bwd is timed there a second time as
+# CUDA-graph replays (no host work at all), so plain minus graph is what each call costs the CPU.
+OVERHEAD_M = 16384
+
+
 @register("mlp", "Fused MLP kernels vs cuBLAS, torch.compile and eager (K=512, N=2048, bf16)")
 def cases(quick: bool) -> list[Case]:
     sizes = [16384, 98304] if quick else [16384, 65536, 98304]
@@ -143,23 +147,26 @@ def cases(quick: bool) -> list[Case]:
     for mode in GEMMS:
         kernel_mode = mode in ("up+act", "act-grad")
         make = _kernel_setup if kernel_mode else _whole_setup
-        for M in sizes:
+        names = ("eager", "compile", "cublas", "ours") if kernel_mode else PROVIDERS
+        for M, graph in [(M, False) for M in sizes] + ([(OVERHEAD_M, True)] if mode == "fwd+bwd" else []):
             providers = [
-                Provider(name, make(M, mode, name), needs_our_kernels if name == "ours" else needs_cuda)
-                for name in ("eager", "compile", "cublas", "ours")
+                Provider(name, make(M, mode, name), needs_our_kernels if "ours" in name else needs_cuda)
+                for name in names
             ]
             out.append(
                 Case(
                     suite="mlp",
-                    label=f"{mode} M={M}",
-                    params={"mode": mode, "M": M, "K": K, "N": N},
+                    label=f"{mode}{' graph' if graph else ''} M={M}",
+                    params={"mode": mode + (" (graph replay)" if graph else ""), "M": M, "K": K, "N": N},
                     flops=GEMMS[mode] * 2.0 * M * N * K,
                     bytes=_min_bytes(mode, M),
                     providers=providers,
                     baseline="compile",
                     x="M",
                     series=("mode",),
-                    notes="cublas = the GEMM(s) alone, no activation work",
+                    cuda_graph=graph,
+                    notes="cublas = the GEMM(s) alone, no activation work"
+                    + ("; timed as CUDA-graph replays: no host cost" if graph else ""),
                 )
             )
     return out

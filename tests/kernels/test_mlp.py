@@ -70,8 +70,8 @@ def test_kernels_write_every_element(kernel_device, M, K, N):
     x, w_up, w_down = make_operands(M, K, N, torch.float32, kernel_device)
     pre = x.double() @ w_up.double().t()
     post = torch.full((M, N), float("nan"), device=kernel_device)
-    signs = torch.full((M, mlp._sign_words(N)), -1, dtype=torch.int32, device=kernel_device)
-    mlp._launch(x, w_up, post, post, signs, forward=True)
+    signs = torch.full((M, mlp.sign_words(N)), -1, dtype=torch.int32, device=kernel_device)
+    mlp.up_act(x, w_up, post, signs)
     assert not post.isnan().any()
     assert rel_err(post, F.leaky_relu(pre, 0.5).square()) < TOL[torch.float32]
     col = torch.arange(N, device=kernel_device)
@@ -80,7 +80,7 @@ def test_kernels_write_every_element(kernel_device, M, K, N):
 
     g = torch.randn(M, K, device=kernel_device)
     dpre = torch.full((M, N), float("nan"), device=kernel_device)
-    mlp._launch(g, w_down.t().contiguous(), post, dpre, signs, forward=False)
+    mlp.act_grad(g, w_down, post, signs, out=dpre)
     want = (g.double() @ w_down.double()) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
     assert not dpre.isnan().any()
     assert rel_err(dpre, want) < TOL[torch.float32]
@@ -202,8 +202,8 @@ def test_bf16_record_shapes_against_fp32_math(M):
     eager, eager_grads = grads(fused_mlp_ref, (x, w_up, w_down), g)
     pairs = list(zip((out, *got_grads), (want, *want_grads), (eager, *eager_grads)))
 
-    _, post, signs = mlp._fused_mlp_fwd(x, w_up, w_down)
-    dpre = mlp._fused_mlp_act_grad(g, w_down, post, signs)
+    post, signs = mlp.up_act(x, w_up)
+    dpre = mlp.act_grad(g, w_down, post, signs)
     pre32 = x.float() @ w_up.float().t()
     pre16 = x @ w_up.t()
     pairs.append((post, F.leaky_relu(pre32, 0.5).square(), F.leaky_relu(pre16, 0.5).square()))
@@ -245,3 +245,17 @@ def test_gpu_misaligned_input_falls_back():
     with pytest.raises(ValueError, match="x starts at an address"):
         fused_mlp(x, w_up, w_down, impl="triton")
     assert torch.equal(fused_mlp(x, w_up, w_down), fused_mlp_ref(x, w_up, w_down))
+
+
+@pytest.mark.gpu
+def test_cached_launch_matches_the_jit_launch():
+    """From the second launch of a specialisation on, the cached CompiledKernel runs: same bits."""
+    mlp._compiled.clear()
+    for M in (77, 4096):  # ragged and tile-aligned M: two specialisations
+        x, w_up, w_down = make_operands(M, 512, 2048, torch.bfloat16, "cuda")
+        first = [t.clone() for t in mlp.up_act(x, w_up)]
+        assert all(torch.equal(a, b) for a, b in zip(first, mlp.up_act(x, w_up)))
+        g = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+        dpre = mlp.act_grad(g, w_down, *first).clone()
+        assert torch.equal(dpre, mlp.act_grad(g, w_down, *first))
+    assert len(mlp._compiled) == 4

@@ -21,15 +21,15 @@ def operands():
 def test_perf_mlp_up_act_kernel(cuda_bench, operands):
     x, w_up, _ = operands
     post = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    signs = torch.empty(M, mlp._sign_words(N), device="cuda", dtype=torch.int32)
-    cuda_bench(lambda: mlp._launch(x, w_up, post, post, signs, forward=True))
+    signs = torch.empty(M, mlp.sign_words(N), device="cuda", dtype=torch.int32)
+    cuda_bench(lambda: mlp.up_act(x, w_up, post, signs))
 
 
 def test_perf_mlp_act_grad_kernel(cuda_bench, operands):
     x, w_up, w_down = operands
-    _, post, signs = mlp._fused_mlp_fwd(x, w_up, w_down)
-    g, dpre, w_down_t = torch.randn_like(x), torch.empty_like(post), w_down.t().contiguous()
-    cuda_bench(lambda: mlp._launch(g, w_down_t, post, dpre, signs, forward=False))
+    post, signs = mlp.up_act(x, w_up)
+    g, dpre = torch.randn_like(x), torch.empty_like(post)
+    cuda_bench(lambda: mlp.act_grad(g, w_down, post, signs, out=dpre))
 
 
 def test_perf_mlp_fwd_bwd(cuda_bench, operands):
