@@ -5,7 +5,7 @@ Cases:
   8-way shard   one rank's share when 8 ranks split the padded banks: 3 qo + 3 kv + 2 up + 2 down
   Muon.step()   the whole single-GPU step over the four fp32 banks: momentum, Nesterov, row norm, NS, update
 
-NS providers: the seed's zeropower_via_newtonschulz5 (below) per matrix in a loop, batched eager, batched
+NS providers: the seed's NS (seed_ns: optim's bf16 reference) per matrix in a loop, batched eager, batched
 torch.compile (one compile per bank shape, as the record does), the same replayed as one CUDA graph
 (the baseline), and ours (optim.BankedNewtonSchulz: trace-normalised 3-GEMM steps, up+down merged into one
 512x2048 stack, bank groups on separate streams, one CUDA graph) plus two ablations of ours.
@@ -21,26 +21,17 @@ import torch
 
 from bench.registry import Case, Provider, needs_cuda, register
 from optim import BankedNewtonSchulz, Muon, ns_flops
+from optim.newton_schulz import cuda_graph, newton_schulz_ref, warm_up
 
 STEPS = 5
-A, B, C = 3.4445, -4.7750, 2.0315
 BANKS = {"qo": (22, 512, 512), "kv": (22, 256, 512), "up": (11, 2048, 512), "down": (11, 512, 2048)}
 SHARD = {"qo": (3, 512, 512), "kv": (3, 256, 512), "up": (2, 2048, 512), "down": (2, 512, 2048)}
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = STEPS, eps: float = 1e-7) -> torch.Tensor:
-    """The seed's NS (modded-nanogpt style, batched over a leading dim): the honest competitor."""
-    X = G.bfloat16()
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        A_ = X @ X.mT
-        B_ = B * A_ + C * A_ @ A_
-        X = A * X + B_ @ X
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    return X
+def seed_ns(G: torch.Tensor) -> torch.Tensor:
+    """The seed's NS (modded-nanogpt's zeropower_via_newtonschulz5, batched over a leading dim): the plain
+    bf16 textbook iteration, i.e. optim's reference in bf16. The honest competitor."""
+    return newton_schulz_ref(G, STEPS, dtype=torch.bfloat16)
 
 
 def _stacks(shapes: dict) -> list[torch.Tensor]:
@@ -50,7 +41,7 @@ def _stacks(shapes: dict) -> list[torch.Tensor]:
 def _loop(shapes):
     def setup():
         stacks = _stacks(shapes)
-        return lambda: [zeropower_via_newtonschulz5(G[i]) for G in stacks for i in range(G.size(0))]
+        return lambda: [seed_ns(G[i]) for G in stacks for i in range(G.size(0))]
 
     return setup
 
@@ -58,24 +49,13 @@ def _loop(shapes):
 def _batched(shapes, compiled: bool, graphed: bool):
     def setup():
         stacks = _stacks(shapes)
-        fn = (
-            torch.compile(zeropower_via_newtonschulz5, fullgraph=True)
-            if compiled
-            else zeropower_via_newtonschulz5
-        )
+        fn = torch.compile(seed_ns, fullgraph=True) if compiled else seed_ns
         run = lambda: [fn(G) for G in stacks]
         if not graphed:
             return run
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        return graph.replay
+        warm_up(run)
+        warm_up(run)
+        return cuda_graph(run)[0].replay
 
     return setup
 
@@ -135,7 +115,7 @@ def _seed_muon_step():
         bufs = [torch.zeros(s, device="cuda", dtype=torch.bfloat16) for s in BANKS.values()]
         for p in params:
             p.grad = torch.randn_like(p)
-        ns = torch.compile(zeropower_via_newtonschulz5, fullgraph=True)
+        ns = torch.compile(seed_ns, fullgraph=True)
         lr, wd, mu = 0.022, 0.095, 0.97
 
         @torch.no_grad()
