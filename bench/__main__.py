@@ -1,10 +1,11 @@
-"""python -m bench env | run | plot | gate | profile
+"""python -m bench env | run | plot | gate | profile | check
 
 python -m bench env [--measure-ceilings] [--json]      what this machine is (and its ceilings)
 python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> results/<time>-<sha>/ JSON + CSV
 python -m bench plot RESULTS.json ... [--out DIR]      PNGs per suite and metric
 python -m bench gate [--update] [--threshold PCT]      pytest-benchmark regression gate (GPU)
 python -m bench profile [--accum N] [--looping MODE]   where one train.py step goes (torch.profiler)
+python -m bench check [--json FILE]                    prove our kernels on this GPU before training
 """
 
 from __future__ import annotations
@@ -163,6 +164,21 @@ def cmd_profile(args) -> int:
     return run_profile(args)
 
 
+def cmd_check(args) -> int:
+    from model.preflight import check_kernels, format_table
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    result = check_kernels(device, timed=not args.no_time)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    bad = [r["kernel"] for r in result["kernels"] if r["status"] == "fail"]
+    if bad:
+        print(f"bench check: FAILED: {', '.join(bad)} (train.py would run their references instead)")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench.gate import BASELINES_DIR, DEFAULT_THRESHOLD_PCT
 
@@ -211,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default results/profile-<UTC time>-<git sha>/)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: synthetic trace, fake times (marked)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("check", help="each kernel of ours vs its reference on this GPU: errors and times")
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.add_argument("--no-time", action="store_true", help="correctness only (no timing against references)")
+    p.set_defaults(func=cmd_check)
     return parser
 
 

@@ -7,6 +7,8 @@ Triton interpreter (TRITON_INTERPRET=1), which runs the same kernels on CPU tens
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import logging
 import os
@@ -16,6 +18,40 @@ import torch
 log = logging.getLogger("golfbench.kernels")
 
 IMPLS = ("auto", "triton", "torch")
+
+# Launches of our kernels by name, counted at run time (also inside compiled graphs, whose custom ops
+# run the launchers): the proof that a run really used a kernel, not a silent fallback.
+launches: collections.Counter = collections.Counter()
+
+# Test hook: GOLFBENCH_FAULT_KERNEL=mlp makes the fused MLP kernel compute a wrong activation, so that
+# the preflight check (model/preflight.py) can be seen to catch a broken kernel.
+FAULT_KERNEL_ENV = "GOLFBENCH_FAULT_KERNEL"
+
+
+def planted_fault(kernel: str) -> bool:
+    return kernel in os.environ.get(FAULT_KERNEL_ENV, "").split(",")
+
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """While active, kernel outputs are allocated filled with NaN, so a check can see every element
+    written (the preflight check and the tests)."""
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Every kernel output is allocated here (NaN-filled under poisoned_outputs())."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _poison else out
+
 
 _logged: set[str] = set()
 

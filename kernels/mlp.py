@@ -25,7 +25,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import IMPLS, interpreter_active, num_sms, platform_blocker, use_triton
+from ._runtime import (
+    IMPLS,
+    empty,
+    interpreter_active,
+    launches,
+    num_sms,
+    planted_fault,
+    platform_blocker,
+    use_triton,
+)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -63,9 +72,11 @@ def _bit_or(a, b):
 
 
 @triton.jit
-def _store_post_and_signs(c, post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N: tl.constexpr):
+def _store_post_and_signs(
+    c, post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N: tl.constexpr, NEG_SCALE: tl.constexpr
+):
     """Forward epilogue for one (BLOCK_M, HALF_N) half tile: post = f(c) and c's sign bits."""
-    post = c * c * tl.where(c > 0, 1.0, 0.25)
+    post = c * c * tl.where(c > 0, 1.0, NEG_SCALE)
     post_desc.store([offs_m, offs_n], post.to(post_desc.dtype))
     bits = tl.reshape((c > 0).to(tl.int32), (c.shape[0], HALF_N // 32, 32))
     words = tl.reduce(bits << tl.arange(0, 32)[None, None, :], 2, _bit_or)
@@ -114,6 +125,7 @@ def _mlp_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_SMS: tl.constexpr,
+    NEG_SCALE: tl.constexpr,  # (LeakyReLU slope)^2 = 0.25; anything else only under a planted fault
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
@@ -132,8 +144,10 @@ def _mlp_gemm_kernel(
         acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
         c0, c1 = tl.split(acc)
         if FORWARD:
-            _store_post_and_signs(c0, post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N)
-            _store_post_and_signs(c1, post_desc, signs_ptr, offs_m, offs_n + HALF_N, M, n_words, HALF_N)
+            _store_post_and_signs(c0, post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N, NEG_SCALE)
+            _store_post_and_signs(
+                c1, post_desc, signs_ptr, offs_m, offs_n + HALF_N, M, n_words, HALF_N, NEG_SCALE
+            )
         else:  # both halves' saved state is requested before either is used: one exposed latency
             p0, w0 = _load_saved(post_desc, signs_ptr, offs_m, offs_n, M, n_words, HALF_N, BLOCK_M)
             p1, w1 = _load_saved(post_desc, signs_ptr, offs_m, offs_n + HALF_N, M, n_words, HALF_N, BLOCK_M)
@@ -168,14 +182,17 @@ def _launch(a, b, post, out, signs, forward: bool) -> None:
     sms = num_sms(a.device.index or 0)
     grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     n_words = signs.shape[1]
-    args = (*descs, signs, M, N, K, n_words, forward, bm, bn, bk, sms)
+    neg_scale = 0.3 if planted_fault("mlp") else 0.25
+    launches["mlp_fwd" if forward else "mlp_bwd"] += 1
+    args = (*descs, signs, M, N, K, n_words, forward, bm, bn, bk, sms, neg_scale)
     # Triton specialises ints on divisibility by 16 and on == 1, pointers on 16-byte alignment.
-    key = (forward, a.dtype, a.device.index, N, K, n_words, M % 16 == 0, M == 1, signs.data_ptr() % 16 == 0)
+    aligned = signs.data_ptr() % 16 == 0
+    key = (forward, a.dtype, a.device.index, N, K, n_words, M % 16 == 0, M == 1, aligned, neg_scale)
     kernel = _compiled.get(key)
     if kernel is not None:
         kernel[grid](*args)
         return
-    names = ("FORWARD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_SMS")
+    names = ("FORWARD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_SMS", "NEG_SCALE")
     kernel = _mlp_gemm_kernel[grid](*args[:9], **dict(zip(names, args[9:])), **cfg)
     if not interpreter_active():  # the interpreter returns no compiled kernel
         _compiled[key] = kernel
@@ -191,7 +208,7 @@ def up_act(x: torch.Tensor, w_up: torch.Tensor, post=None, signs=None) -> tuple[
     `post` and `signs` when given (tests poison them first)."""
     M, N = x.shape[0], w_up.shape[0]
     x, w_up = _aligned(x), _aligned(w_up)
-    post = x.new_empty(M, N) if post is None else post
+    post = empty((M, N), x.dtype, x.device) if post is None else post
     signs = torch.empty(M, sign_words(N), dtype=torch.int32, device=x.device) if signs is None else signs
     if M > 0:
         _launch(x, w_up, post, post, signs, forward=True)
@@ -201,7 +218,7 @@ def up_act(x: torch.Tensor, w_up: torch.Tensor, post=None, signs=None) -> tuple[
 def act_grad(grad_out: torch.Tensor, w_down: torch.Tensor, post, signs, out=None) -> torch.Tensor:
     """The backward kernel alone: dpre = (grad_out @ w_down) * f'(pre), f' rebuilt from post and signs
     (into `out` when given)."""
-    dpre = torch.empty_like(post) if out is None else out
+    dpre = empty(post.shape, post.dtype, post.device) if out is None else out
     if post.shape[0] > 0:
         _launch(_aligned(grad_out), w_down.t().contiguous(), post, dpre, signs, forward=False)
     return dpre

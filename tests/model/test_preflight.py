@@ -1,0 +1,96 @@
+"""The kernel preflight check (model/preflight.py) and `python -m bench check`: passes on correct kernels,
+fails on a planted wrong one, on an output left unwritten, and counts launches on the path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import _runtime, mlp
+from model import preflight
+
+
+@pytest.fixture
+def fresh_kernels():
+    mlp._compiled.clear()  # a planted fault must not reuse a kernel compiled without it (GPU only)
+    yield
+    mlp._compiled.clear()
+
+
+@pytest.mark.interpreter
+def test_correct_kernels_pass(kernel_device):
+    result = preflight.check_kernels(kernel_device)
+    status = {r["kernel"]: r["status"] for r in result["kernels"]}
+    assert sorted(status) == ["ce_bwd", "ce_fwd", "mlp_bwd", "mlp_fwd", "muon"]
+    allowed = {"pass", "slower"} if kernel_device.type == "cuda" else {"pass"}  # only a GPU is timed
+    assert set(status.values()) <= allowed, status
+    assert not preflight.failed(result)
+    assert all(r["error"] <= r["limit"] for r in result["kernels"])
+
+
+@pytest.mark.interpreter
+def test_a_planted_wrong_kernel_fails(kernel_device, monkeypatch, fresh_kernels):
+    monkeypatch.setenv(_runtime.FAULT_KERNEL_ENV, "mlp")
+    result = preflight.check_kernels(kernel_device, timed=False)
+    status = {r["kernel"]: r for r in result["kernels"]}
+    assert status["mlp_fwd"]["status"] == "fail" and "above the limit" in status["mlp_fwd"]["reason"]
+    assert status["ce_fwd"]["status"] == "pass"
+    assert preflight.failed(result) == ["mlp"] and result["planted_fault"]
+
+
+@pytest.mark.interpreter
+def test_an_output_left_unwritten_fails(kernel_device, monkeypatch):
+    real = mlp.up_act
+
+    def lazy_up_act(x, w_up, post=None, signs=None):
+        post, signs = real(x, w_up, post, signs)
+        if _runtime._poison:
+            post[-1, -1] = float("nan")  # the last element never written
+        return post, signs
+
+    monkeypatch.setattr(mlp, "up_act", lazy_up_act)
+    rows = {r["kernel"]: r for r in preflight.check_kernels(kernel_device, timed=False)["kernels"]}
+    assert rows["mlp_fwd"]["status"] == "fail" and "not fully written" in rows["mlp_fwd"]["reason"]
+
+
+def test_without_a_kernel_platform_the_kernels_are_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    result = preflight.check_kernels(torch.device("cpu"))
+    rows = {r["kernel"]: r for r in result["kernels"]}
+    assert rows["mlp_fwd"]["status"] == "skipped" and "TRITON_INTERPRET" in rows["mlp_fwd"]["reason"]
+    assert rows["muon"]["status"] == "pass" and not preflight.failed(result)
+
+
+@pytest.mark.interpreter
+def test_launch_counters_prove_the_kernels_ran(kernel_device, monkeypatch):
+    monkeypatch.setattr(_runtime, "launches", type(_runtime.launches)())
+    monkeypatch.setattr(mlp, "launches", _runtime.launches)
+    assert preflight.kernels_on_path(["mlp", "ce"]) == {"mlp": False, "ce": False}
+    x = torch.randn(8, 64, device=kernel_device, requires_grad=True)
+    w_up, w_down = torch.randn(128, 64, device=kernel_device), torch.randn(64, 128, device=kernel_device)
+    mlp.fused_mlp(x, w_up, w_down, impl="triton").sum().backward()
+    assert preflight.kernels_on_path(["mlp", "ce"]) == {"mlp": True, "ce": False}
+
+
+def _bench_check(env_extra: dict) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", **env_extra}
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "check", "--no-time"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_bench_check_cli_exit_codes():
+    ok = _bench_check({})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "mlp_fwd  pass" in ok.stdout
+    bad = _bench_check({_runtime.FAULT_KERNEL_ENV: "mlp"})
+    assert bad.returncode == 1 and "FAILED: mlp_fwd, mlp_bwd" in bad.stdout
