@@ -321,6 +321,19 @@ def test_training_dtypes_and_bf16_rope_positions():
     assert (cos16 - cos32).abs().max() > 0.5
 
 
+def test_rotary_tables_equal_recomputed_angles_and_are_not_quantised_by_casts():
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    rot = GPT(get_config("tiny", rope_train_seq_len=64)).rotary
+    for t in (1, 37, 64, 100):  # inside the precomputed table and beyond it (NTK rescaled)
+        cos, sin = rot(t, cpu, fp32)
+        freqs = rot._angles(t, cpu)
+        assert torch.equal(cos[0, :, 0], freqs.cos()) and torch.equal(sin[0, :, 0], freqs.sin())
+    cast = GPT(get_config("tiny", rope_train_seq_len=64)).bfloat16().rotary
+    assert cast.cos_table.dtype == torch.bfloat16  # the cast reached the table ...
+    assert torch.equal(cast(64, cpu, fp32)[0], rot(64, cpu, fp32)[0])  # ... which is then not used
+    assert not any("table" in k for k in GPT(get_config("tiny")).state_dict())  # not in artifacts
+
+
 # ---------------------------------------------------------------- training and compile
 
 
