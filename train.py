@@ -370,7 +370,7 @@ def peak_flops(gpu_name: str | None) -> float | None:
 
 
 def _write_json(path: Path, obj) -> None:
-    from model.data import atomic_write
+    from model.atomic import atomic_write
 
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
@@ -720,7 +720,7 @@ class EMA:
 
 
 def _save_torch(obj, path: Path) -> None:
-    from model.data import atomic_write
+    from model.atomic import atomic_write
 
     with atomic_write(path) as f:
         torch.save(obj, f)

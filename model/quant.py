@@ -20,7 +20,6 @@ import io
 import lzma
 import os
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable
@@ -31,6 +30,8 @@ import brotli
 import numpy as np
 import torch
 from torch import Tensor
+
+from .atomic import atomic_write
 
 CAP_BYTES = 16_000_000  # decimal: code + compressed model ([RULES])
 PASSTHROUGH_MAX_NUMEL = 65_536  # tensors with at most this many elements are stored as fp16
@@ -420,23 +421,6 @@ def unpack_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, Ten
     return obj["w"], obj["m"]
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, object]]:
     path = Path(path)
     if not path.is_file():
@@ -502,7 +486,8 @@ def save_artifact(
             break
         n_matrix = sum(state_dict[n].numel() for n, m in meta.items() if m.get("b") == MATRIX_BITS)
         k = next_matrix_clip_sigmas(k, excess, n_matrix)
-    write_bytes_atomic(path, blob)
+    with atomic_write(path) as f:
+        f.write(blob)
     n_q = sum(1 for m in meta.values() if m["s"] == "gptq")
     return {
         "path": str(path),
