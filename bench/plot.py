@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from bench.results import read_results  # noqa: E402
+from bench.resultsfile import read_results  # noqa: E402
 
 # metric -> (axis label, value from a record with its p20/p80 band, ceiling key in env.ceilings)
 METRICS = {
