@@ -1138,7 +1138,7 @@ def build_artifact(model, cfg: Config, data: Data, pd: Dist, device, path: Path,
 def evaluate_artifact(model, cfg: Config, data: Data, device, path: Path, log: Logger) -> dict:
     """Dequantised non-overlapping eval, sliding-window eval, then score-first TTT, each on a freshly
     loaded copy of the artifact, each timed."""
-    from model.evaluate import eval_sliding_window, ttt_score_first
+    from model.evaluate import TTTConfig, eval_sliding_window, ttt_score_first
     from model.quant import load_artifact
 
     common = dict(seq_len=cfg.eval_seq_len, byte_counter=data.byte_counter, device=device)
@@ -1151,9 +1151,8 @@ def evaluate_artifact(model, cfg: Config, data: Data, device, path: Path, log: L
         phases["sliding"] = _log_phase("sliding", r, log)
     if cfg.ttt_enabled:
         load_artifact(model, path)
-        r = ttt_score_first(
-            model,
-            data.val_tokens,
+        ttt = TTTConfig(
+            seq_len=cfg.eval_seq_len,
             stride=cfg.eval_stride,
             chunk_tokens=cfg.ttt_chunk_tokens,
             epochs=cfg.ttt_epochs,
@@ -1164,8 +1163,8 @@ def evaluate_artifact(model, cfg: Config, data: Data, device, path: Path, log: L
             batch_windows=cfg.val_batch_seqs,
             hash_embed=cfg.hash_embed_enabled,
             hash_embed_size=cfg.hash_embed_size,
-            **common,
         )
+        r = ttt_score_first(model, data.val_tokens, data.byte_counter, ttt, device=device)
         phases["ttt"] = _log_phase("ttt", r, log)
     return phases
 
