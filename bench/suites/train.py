@@ -1,6 +1,6 @@
 """The whole training step of train.py at the record config on one GPU, in both loop modes.
 
-One timed call = one optimizer step exactly as train.py runs it (Run.step): `accum` micro-batches of
+One timed call = one optimizer step exactly as train.py runs it (Trainer.step): `accum` micro-batches of
 48 x 2048 tokens forward + backward (bf16 autocast, model compiled with fullgraph=True), the per-rank
 gradient clip, the non-finite guard (one host sync) and the optimizer step (Muon on the banks, AdamW on
 the embedding and scalars). accum 1 is one rank's step at world size 8 (the record); accum 8 is the whole
@@ -28,7 +28,7 @@ SETTINGS = {
 
 
 class _FixedBatches:
-    """Stands in for train.Batches: the same micro-batches every step, already on the device."""
+    """Stands in for model.data.RankBatches: the same micro-batches every step, already on the device."""
 
     def __init__(self, batches):
         self.batches = batches
@@ -39,7 +39,17 @@ class _FixedBatches:
 
 def _setup(looping: bool, accum: int, provider: str):
     def setup():
-        import train as T
+        from model.report import Logger
+        from model.run_config import resolve_config
+        from model.train_step import (
+            build_model,
+            check_finite,
+            clip_gradients,
+            compile_model,
+            forward_backward,
+        )
+        from optim.distributed import Dist
+        from optim.optimizers import Optimizers
 
         device = torch.device("cuda")
         cli = {
@@ -47,11 +57,11 @@ def _setup(looping: bool, accum: int, provider: str):
             "train_batch_tokens": accum * MICRO_SEQS * SEQ_LEN,
             **SETTINGS[provider],
         }
-        cfg = T.resolve_config("record", env={}, cli=cli)
-        model = T.build_model(cfg, device)
+        cfg = resolve_config("record", env={}, cli=cli)
+        model = build_model(cfg, device)
         model.set_looping(looping)
-        model_c = T.compile_model(model, cfg, device)
-        opts = T.Optimizers(model, cfg, device)
+        model_c = compile_model(model, cfg, device)
+        opts = Optimizers(model, cfg, device)
         opts.set_schedule(1.0, cfg.muon_momentum)
         vocab = model.config.vocab_size
         gen = torch.Generator(device=device).manual_seed(0)
@@ -64,12 +74,12 @@ def _setup(looping: bool, accum: int, provider: str):
                 for _ in range(accum)
             ]
         )
-        pd, log = T.Dist(device=device), T.Logger(None, main=False)
+        pd, log = Dist(device=device), Logger(None, main=False)
 
         def step():
-            loss = T.forward_backward(model_c, batches, accum, device)
-            norm = T.clip_gradients(opts.params, cfg.grad_clip_norm)
-            T.check_finite(loss, norm, 0, pd, log)
+            loss = forward_backward(model_c, batches, accum, device)
+            norm = clip_gradients(opts.params, cfg.grad_clip_norm)
+            check_finite(loss, norm, 0, pd, log)
             opts.step()
 
         return step

@@ -2,7 +2,7 @@
 
     shards.py    the challenge's shard format: write, read, validate, find
     loader.py    the train sampler, the validation stream, one rank's micro-batches
-    paths.py     where a run's data is (FineWeb download or the cached embedded corpus)
+    paths.py     where a run's data is (FineWeb download or the cached embedded corpus), what it reads
     fineweb.py   the FineWeb downloader                       (a tool: python -m model.data download)
     corpus.py    the embedded corpus from the standard library (a tool: python -m model.data build-corpus)
     __main__.py  python -m model.data: build-corpus | download | validate
@@ -16,7 +16,15 @@ from __future__ import annotations
 import importlib
 
 from .loader import RankBatches, ShuffledSequenceLoader, load_val_tokens
-from .paths import CORPUS_BUILDER_VERSION, DataPaths, default_cache_dir, default_corpus, fineweb_paths
+from .paths import (
+    CORPUS_BUILDER_VERSION,
+    DataPaths,
+    RunData,
+    default_cache_dir,
+    default_corpus,
+    fineweb_paths,
+    load_run_data,
+)
 from .shards import (
     HEADER_BYTES,
     HEADER_INTS,
@@ -74,6 +82,7 @@ __all__ = [
     "HEADER_INTS",
     "MAX_SHARD_TOKENS",
     "RankBatches",
+    "RunData",
     "SHARD_MAGIC",
     "SHARD_VERSION",
     "TOKEN_LIMIT",
@@ -82,6 +91,7 @@ __all__ = [
     "default_cache_dir",
     "default_corpus",
     "fineweb_paths",
+    "load_run_data",
     "load_val_tokens",
     "read_shard",
     "read_shard_header",

@@ -1,6 +1,7 @@
 """Where a run's data is: the DataPaths record train.py reads, for a FineWeb download or for the
-embedded corpus in its cache. Finding data imports neither the downloader (fineweb.py) nor the corpus
-builder (corpus.py): they are tools run before training, so a run neither loads nor ships them.
+embedded corpus in its cache; and what a run reads there before training (RunData). Finding data
+imports neither the downloader (fineweb.py) nor the corpus builder (corpus.py): they are tools run
+before training, so a run neither loads nor ships them.
 
 Embedded-corpus cache: ``<cache>/stdlib-corpus/<fingerprint[:16]>/sp<V>/`` (meta.json, tokenizers/,
 datasets/), plus ``<cache>/stdlib-corpus/sources/<source key>.json`` mapping this interpreter's standard
@@ -17,6 +18,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from .shards import resolve_shards
 
@@ -171,3 +174,38 @@ def default_corpus(vocab_size: int, progress: bool = True) -> DataPaths:
     if paths is None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr or 'see above'}")
     return paths
+
+
+@dataclass
+class RunData:
+    """What a run reads before training: where the data is, the validation stream (trimmed to the config's
+    val_max_tokens) and its tokenizer's byte counter (bits per byte)."""
+
+    paths: DataPaths
+    val_tokens: torch.Tensor
+    byte_counter: object  # model.metrics.ByteCounter
+    val_sha256: str
+
+
+def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, log) -> RunData:
+    """FineWeb under ``data_dir``, else the embedded corpus (``cfg``: a model.run_config.Config)."""
+    import sentencepiece as spm
+
+    from ..metrics import ByteCounter
+    from .loader import load_val_tokens
+
+    # Every rank asks: the corpus builder holds a file lock, so a missing corpus is built once.
+    paths = fineweb_paths(data_dir, f"sp{vocab_size}") if data_dir else default_corpus(vocab_size, progress)
+    if paths.vocab_size > vocab_size:
+        raise SystemExit(
+            f"the tokenizer {paths.tokenizer_model} has {paths.vocab_size} pieces but the model's vocab_size "
+            f"is {vocab_size}: use matching data (--data) or --model-vocab-size {paths.vocab_size}"
+        )
+    val = load_val_tokens(paths.val_pattern, cfg.eval_seq_len)
+    if cfg.val_max_tokens > 0 and val.numel() - 1 > cfg.val_max_tokens:
+        usable = (cfg.val_max_tokens // cfg.eval_seq_len) * cfg.eval_seq_len
+        val = val[: usable + 1].clone()
+    sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_model))
+    sha = hashlib.sha256(val.numpy().tobytes()).hexdigest()
+    log(f"data: {paths.source} {paths.dataset_dir} | val tokens {val.numel() - 1:,} | val sha256 {sha[:16]}")
+    return RunData(paths, val, ByteCounter(sp, vocab_size=vocab_size), sha)
