@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from optim import average_gradients
-from optim.distributed import initialized, rank_world
+from optim.distributed import average_gradients, initialized, rank_world
 
 from .metrics import bits_per_byte
 

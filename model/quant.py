@@ -9,6 +9,9 @@ SPEC.md §7. The flow used by train.py::
 
 Quantisation runs on ``model.unbanked_state_dict()`` (per-layer 2-D matrices with the legacy names), so
 call ``save_artifact`` with the EMA weights already loaded into the model.
+
+Over 500 lines on purpose: Hessians, GPTQ, the compressed container and the fit to the cap are one
+pipeline read top to bottom (the code's side of the cap is model/shipped_code.py).
 """
 
 from __future__ import annotations

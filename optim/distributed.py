@@ -1,6 +1,7 @@
-"""Processes: which rank this is, of how many, on which device, and the few collectives a run makes
-outside the optimizers and the evaluation. One place for every torch.distributed question: train.py,
-model/evaluate.py and optim/muon.py all ask here. It lives in optim/, the lowest layer that needs it.
+"""Processes: which rank this is, of how many, on which device, and the collectives shared by the
+optimizers, the evaluation and the run (gradient averaging, broadcasts, a stop flag). One place for every
+torch.distributed question: train.py, model/evaluate.py and optim/muon.py all ask here. It lives in
+optim/, the lowest layer that needs it.
 
 Without torch.distributed initialised (one process) every helper answers rank 0 of 1 and does nothing.
 """
@@ -8,10 +9,13 @@ Without torch.distributed initialised (one process) every helper answers rank 0 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def initialized() -> bool:
@@ -23,6 +27,29 @@ def rank_world(group=None) -> tuple[int, int]:
     if initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+@torch.no_grad()
+def average_gradients(grads: Sequence[Tensor], group=None) -> None:
+    """Average tensors (the non-bank gradients) across ranks in place: one all-reduce per dtype.
+
+    Flattens each dtype's tensors into one buffer, all-reduces it (AVG on NCCL, else SUM then 1/W), and
+    copies the results back. A no-op without torch.distributed or on one rank.
+    """
+    _, world = rank_world(group)
+    if world == 1 or not grads:
+        return
+    nccl = dist.get_backend(group) == "nccl"
+    by_dtype: dict[tuple, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault((g.dtype, g.device), []).append(g)
+    for tensors in by_dtype.values():
+        flat = _flatten_dense_tensors(tensors)
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM, group=group)
+        if not nccl:
+            flat.mul_(1.0 / world)
+        for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+            t.copy_(synced)
 
 
 @dataclass

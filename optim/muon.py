@@ -28,6 +28,9 @@ leading dim is padded to a multiple of the world size W; each rank owns `padded 
 un-averaged gradients. Every momentum buffer (the shard buffers included) is `optimizer.state`, so
 `state_dict()` / `load_state_dict()` round-trip it and restoring a snapshot resets it (SPEC 10 item 12).
 In the sharded case a rank's state holds its own shard, so a state dict loads back at the same world size.
+
+Over 500 lines on purpose: the plan, the CUDA-graphed single-process step and the sharded step all work
+on one Muon instance's state (plan, buffers, graphs) and are read together.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .distributed import rank_world
 from .newton_schulz import (
@@ -535,29 +537,3 @@ class Muon(torch.optim.Optimizer):
                 self.state[m.p]["momentum_buffer"] = buf
             elif new is not None:
                 self.state[m.p]["momentum_buffer"] = new.to(self.momentum_dtype).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def average_gradients(grads: Sequence[Tensor], group=None) -> None:
-    """Average tensors (the non-bank gradients) across ranks in place: one all-reduce per dtype.
-
-    Flattens each dtype's tensors into one buffer, all-reduces it (AVG on NCCL, else SUM then 1/W), and
-    copies the results back. A no-op without torch.distributed or on one rank.
-    """
-    _, world = rank_world(group)
-    if world == 1 or not grads:
-        return
-    nccl = dist.get_backend(group) == "nccl"
-    by_dtype: dict[tuple, list[Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault((g.dtype, g.device), []).append(g)
-    for tensors in by_dtype.values():
-        flat = _flatten_dense_tensors(tensors)
-        dist.all_reduce(flat, op=dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM, group=group)
-        if not nccl:
-            flat.mul_(1.0 / world)
-        for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-            t.copy_(synced)

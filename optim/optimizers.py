@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import initialized, rank_world
-from .muon import Muon, average_gradients
+from .distributed import average_gradients, initialized, rank_world
+from .muon import Muon
 
 
 class PerMatrixMuon:

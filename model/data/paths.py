@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..metrics import ByteCounter
+from .loader import load_val_tokens
 from .shards import resolve_shards
 
 # Bump when the builder (corpus.py) changes the built files: it is part of the fingerprint and the cache key.
@@ -183,16 +185,13 @@ class RunData:
 
     paths: DataPaths
     val_tokens: torch.Tensor
-    byte_counter: object  # model.metrics.ByteCounter
+    byte_counter: ByteCounter
     val_sha256: str
 
 
 def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, log) -> RunData:
     """FineWeb under ``data_dir``, else the embedded corpus (``cfg``: a model.run_config.Config)."""
     import sentencepiece as spm
-
-    from ..metrics import ByteCounter
-    from .loader import load_val_tokens
 
     # Every rank asks: the corpus builder holds a file lock, so a missing corpus is built once.
     paths = fineweb_paths(data_dir, f"sp{vocab_size}") if data_dir else default_corpus(vocab_size, progress)
