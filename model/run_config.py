@@ -159,7 +159,7 @@ SHARED = ("train_seq_len", "hash_embed_size")
 
 def resolve_config(
     preset: str, env: dict | None = None, cli: dict | None = None, cli_model: dict | None = None
-):
+) -> Config:
     """preset -> environment variables (FIELD_NAME in upper case) -> CLI values. Returns a Config."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
@@ -272,8 +272,8 @@ def config_from(saved: dict, where: Path) -> Config:
 def config_for_run(
     preset: str, cli: dict, cli_model: dict, eval_only: Path | None, meta: dict | None
 ) -> Config:
-    """The config of this run: an evaluated artifact's (the config.json its run wrote beside it) or
-    checkpoint's (its meta.json) unless flags are given, else the preset with env and flag overrides."""
+    """The config of this run: an evaluated artifact's (the config.json its run wrote beside it, unless
+    flags are given) or checkpoint's (its meta.json), else the preset with env and flag overrides."""
     beside = eval_only.parent / "config.json" if eval_only and eval_only.is_file() else None
     if beside and beside.is_file() and not (cli or cli_model):
         return config_from(json.loads(beside.read_text(encoding="utf-8")), beside)

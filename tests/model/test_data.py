@@ -6,6 +6,7 @@ import ast
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import sysconfig
 import time
@@ -396,6 +397,16 @@ def test_full_default_corpus_builds_within_budget(tmp_path):
     t0 = time.perf_counter()
     assert data.ensure_default_corpus(8192, cache_dir=tmp_path, progress=False) == paths
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_a_run_imports_neither_the_downloader_nor_the_corpus_builder():
+    """train.py finds its data through model/data/paths.py; the tools load only when their names are used."""
+    tools = ("model.data.fineweb", "model.data.corpus", "model.data.__main__")
+    code = f"import sys, train; loaded = {tools!r}; print([m for m in loaded if m in sys.modules])"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert data.StdlibCorpus.__module__ == "model.data.corpus"  # and they still load on first use
 
 
 # ----------------------------------------------------------------------------------------------------------
