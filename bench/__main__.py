@@ -1,7 +1,7 @@
 """python -m bench env | run | plot | gate | profile | check
 
 python -m bench env [--measure-ceilings] [--json]      what this machine is (and its ceilings)
-python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> results/<time>-<sha>/ JSON + CSV
+python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> runs/bench/<time>-<sha>/ JSON + CSV
 python -m bench plot RESULTS.json ... [--out DIR]      PNGs per suite and metric
 python -m bench gate [--update] [--threshold PCT]      pytest-benchmark regression gate (GPU)
 python -m bench profile [--accum N] [--looping MODE]   where one train.py step goes (torch.profiler)
@@ -118,11 +118,11 @@ def cmd_run(args) -> int:
         for p in sorted(providers - known):
             print(f"note: no case has a provider named {p!r}")
 
-    from bench.results import format_table, make_results, write_results
+    from bench.resultsfile import format_table, make_results, write_results
 
     results = make_results(env, records)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out) if args.out else Path("results") / f"{stamp}-{env['git']['short_sha']}"
+    out = Path(args.out) if args.out else Path("runs") / "bench" / f"{stamp}-{env['git']['short_sha']}"
     stem = "results" if not (out / "results.json").exists() else f"results-{stamp}"
     json_path, csv_path = write_results(results, out, stem)
     print(f"wrote {json_path} and {csv_path}")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="time benchmark suites; writes JSON + CSV and prints a table")
     p.add_argument("suites", nargs="*", help="suites to run (default: all registered)")
-    p.add_argument("--out", help="output folder (default results/<UTC time>-<git sha>/)")
+    p.add_argument("--out", help="output folder (default runs/bench/<UTC time>-<git sha>/)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: build every case, fake timings (marked)")
     p.add_argument("--quick", action="store_true", help="fewer cases and shorter timing")
     p.add_argument(
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help="comma-separated: reference,ours (default both)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation; default 3)")
     p.add_argument("--steps", type=int, default=5, help="timed steps for the step time (default 5)")
-    p.add_argument("--out", help="output folder (default results/profile-<UTC time>-<git sha>/)")
+    p.add_argument("--out", help="output folder (default runs/bench/profile-<UTC time>-<git sha>/)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: synthetic trace, fake times (marked)")
     p.set_defaults(func=cmd_profile)
 

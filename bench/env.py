@@ -1,7 +1,8 @@
-"""The environment header of every result: what ran, on what, from which commit.
+"""The environment of every result: what ran, on what, from which commit; and the GPUs' datasheet peaks.
 
-`collect_env()` never needs a GPU; on a machine without CUDA it describes the CPU side and says
-why the GPU fields are empty. Measured ceilings come from bench.harness.measure_ceilings.
+`collect_env()` (a bench run's header) never needs a GPU; on a machine without CUDA it describes the CPU
+side and says why the GPU fields are empty. `run_environment()` is the flat header of a train.py run,
+from the same pieces. Measured ceilings come from bench.harness.measure_ceilings.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ DATASHEET_PEAKS: list[tuple[tuple[str, ...], dict]] = [
     (("H100 NVL",), {"model": "H100 NVL", "bf16_tflops": 835.0, "hbm_tbps": 3.9}),
     (("H100 80GB HBM3", "H100 SXM"), {"model": "H100 SXM", "bf16_tflops": 989.0, "hbm_tbps": 3.35}),
     (("H200",), {"model": "H200 SXM", "bf16_tflops": 989.0, "hbm_tbps": 4.8}),
+    (("A100",), {"model": "A100", "bf16_tflops": 312.0, "hbm_tbps": 1.555}),  # 40 GB; the 80 GB has 2.0
 ]
 
 
@@ -36,6 +39,12 @@ def datasheet_peaks(gpu_name: str | None) -> dict | None:
         if any(p.lower() in gpu_name.lower() for p in patterns):
             return dict(peaks)
     return None
+
+
+def peak_flops(gpu_name: str | None) -> float | None:
+    """Dense bf16 FLOP/s of one GPU from its datasheet (for MFU), or None for an unknown GPU."""
+    peaks = datasheet_peaks(gpu_name)
+    return peaks["bf16_tflops"] * 1e12 if peaks else None
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
@@ -120,6 +129,24 @@ def collect_env() -> dict:
     }
     env["datasheet"] = datasheet_peaks(props.name)
     return env
+
+
+def run_environment(device: torch.device, world_size: int) -> dict:
+    """The environment header of a train.py run (train.log, config.json, report.json)."""
+    git = git_info()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device),
+        "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+        "git_sha": git["sha"],
+        "git_dirty": git["dirty"],
+    }
 
 
 def format_env(env: dict) -> str:

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Everything the README reports for one GPU, in one go: ceilings, the GPU test tier, benchmark
 # suites (JSON, CSV, PNG plots) and the perf gate. Usage, from the repository root:
-#   bash bench/gpu_check.sh [OUT_DIR] [SUITE ...]        (default: results/gpu-<UTC time>, all suites)
+#   bash bench/gpu_check.sh [OUT_DIR] [SUITE ...]        (default: runs/bench/gpu-<UTC time>, all suites)
 # PYTHON picks the interpreter (default python3). GATE=update records a new gate baseline instead of
 # comparing, GATE=skip skips it. PACK=FILE.tgz also packs OUT_DIR into one archive.
 # Exits non-zero if any step failed; every step still runs and keeps its log in OUT_DIR.
 set -u
 PY=${PYTHON:-python3}
-OUT_DIR=${1:-results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}
+OUT_DIR=${1:-runs/bench/gpu-$(date -u +%Y%m%dT%H%M%SZ)}
 shift || true
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1

@@ -1,8 +1,9 @@
-"""PNG plots of results files: per suite, per series (case.series), per metric.
+"""PNG plots of results files: per suite, per series (case.series), per metric; and of a train.py run.
 
-Each figure has one line per provider (and per results file when several are given) of the median
-against the case's x parameter, with a shaded p20-p80 band; TFLOP/s and GB/s plots carry the
-run's measured ceiling as a dashed line; the title names the GPU and the git sha.
+Each results figure has one line per provider (and per results file when several are given) of the
+median against the case's x parameter, with a shaded p20-p80 band; TFLOP/s and GB/s plots carry the
+run's measured ceiling as a dashed line; the title names the GPU and the git sha. A training run gets
+loss.png and throughput.png from its metric records (`plot_training`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from bench.results import read_results  # noqa: E402
+from bench.resultsfile import read_results  # noqa: E402
 
 # metric -> (axis label, value from a record with its p20/p80 band, ceiling key in env.ceilings)
 METRICS = {
@@ -148,3 +149,37 @@ def _plot_one(suite, series, metric, items, runs, multi, out_dir: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_training(run_dir: str | Path, records: list[dict]) -> None:
+    """loss.png (train loss per step, validation loss) and throughput.png (tok/s per metric window and
+    cumulative) in run_dir, from train.py's metric records (metrics.jsonl)."""
+    steps = [r for r in records if "loss" in r and "kind" not in r]
+    vals = [r for r in records if r.get("kind") == "val"]
+    if steps:
+        curves = [([r["step"] for r in steps], [r["loss"] for r in steps], dict(lw=1, label="train loss"))]
+        if vals:
+            xs, ys = [r["step"] for r in vals], [r["val_loss"] for r in vals]
+            curves.append((xs, ys, dict(marker="o", label="val loss (live weights)")))
+        _save_curves(Path(run_dir) / "loss.png", "loss (nats/token)", curves)
+    tps = [r for r in steps if "tok_s" in r]
+    if tps:
+        xs = [r["step"] for r in tps]
+        curves = [
+            (xs, [r["tok_s"] for r in tps], dict(marker="o", label="tok/s (window)")),
+            (xs, [r["tok_s_avg"] for r in tps], dict(linestyle="--", label="tok/s (cumulative)")),
+        ]
+        _save_curves(Path(run_dir) / "throughput.png", "tokens / s", curves)
+
+
+def _save_curves(path: Path, ylabel: str, curves: list[tuple[list, list, dict]]) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for xs, ys, style in curves:
+        ax.plot(xs, ys, **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -292,16 +292,18 @@ def family_rows(bd: dict, forms: dict, ceilings: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _annotated_step(r, T, ema):
+def _annotated_step(r, ema):
     from torch.profiler import record_function
+
+    from model.train_step import check_finite, clip_gradients, forward_backward
 
     def step():
         with record_function(PHASE_PREFIX + FWD_BWD):
-            loss = T.forward_backward(r.model_c, r.batches, r.accum, r.device)
+            loss = forward_backward(r.model_c, r.batches, r.accum, r.device)
         with record_function(PHASE_PREFIX + "clip"):
-            norm = T.clip_gradients(r.opts.params, r.cfg.grad_clip_norm)
+            norm = clip_gradients(r.opts.params, r.cfg.grad_clip_norm)
         with record_function(PHASE_PREFIX + "guard"):
-            T.check_finite(loss, norm, 0, r.pd, r.log)
+            check_finite(loss, norm, 0, r.pd, r.log)
         with record_function(PHASE_PREFIX + "optimizer"):
             r.opts.step()
         with record_function(PHASE_PREFIX + "ema"):
@@ -331,12 +333,13 @@ def profile_provider(provider: str, accum: int, modes: list[str], out: Path, war
     from torch.profiler import ProfilerActivity, profile
 
     import kernels.attention
-    import train as T
     from bench.suites.train import build
+    from model.run_config import model_config
+    from optim.ema import EMA
 
     r = build(provider, accum)
-    ema = T.EMA(r.model, r.cfg.ema_decay)
-    step = _annotated_step(r, T, ema)
+    ema = EMA(r.model, r.cfg.ema_decay)
+    step = _annotated_step(r, ema)
     results = {}
     for mode in modes:
         r.model.set_looping(MODES[mode])
@@ -363,7 +366,7 @@ def profile_provider(provider: str, accum: int, modes: list[str], out: Path, war
         for mode in modes
     }  # fmt: skip
     info = {
-        "settings": dataclasses.asdict(T.model_config(r.cfg, r.device)),
+        "settings": dataclasses.asdict(model_config(r.cfg, r.device)),
         "muon_impl": r.cfg.muon_impl,
         "attention_selections": kernels.attention.selections(),
         "flops_per_token": {mode: r.model.flops_per_token(MODES[mode]) for mode in modes},
@@ -500,7 +503,7 @@ def run_profile(args) -> int:
     out = (
         Path(args.out)
         if args.out
-        else Path("results") / f"profile-{now:%Y%m%dT%H%M%SZ}-{env['git']['short_sha']}"
+        else Path("runs") / "bench" / f"profile-{now:%Y%m%dT%H%M%SZ}-{env['git']['short_sha']}"
     )
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from optim import average_gradients
+from optim.distributed import average_gradients, initialized, rank_world
 
 from .metrics import bits_per_byte
 
@@ -49,22 +50,13 @@ def _tokens(val_tokens) -> Tensor:
     return t.to(torch.int64)
 
 
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    on = dist.is_available() and dist.is_initialized()
-    rank = (dist.get_rank() if on else 0) if rank is None else rank
-    world_size = (dist.get_world_size() if on else 1) if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-    return rank, world_size
-
-
 def _split(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous share [lo, hi) of n items for this rank."""
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
 def _all_reduce_(t: Tensor, world_size: int, op=None) -> Tensor:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
+    if world_size > 1 and initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
@@ -78,13 +70,34 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _setup(model, device, autocast_dtype, compile):
+@dataclass(frozen=True)
+class _Scoring:
+    """How this rank scores, resolved once per call from the public keyword arguments."""
+
+    seq_len: int
+    rows: int  # windows per forward: batches are padded to it so that a compiled scorer sees one shape
+    byte_counter: object | None
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    compile: bool
+
+
+def _scoring(
+    model, seq_len, rows, byte_counter, rank, world_size, device, autocast_dtype, compile
+) -> _Scoring:
+    default_rank, default_world = rank_world()
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if autocast_dtype is None and device.type == "cuda":
         autocast_dtype = torch.bfloat16
     if compile is None:
         compile = device.type == "cuda"
-    return device, autocast_dtype, compile
+    return _Scoring(seq_len, rows, byte_counter, rank, world_size, device, autocast_dtype, compile)
 
 
 def make_scorer(model: torch.nn.Module, compile: bool):
@@ -129,40 +142,30 @@ def scored_range(ws: int, total: int, seq_len: int, stride: int) -> tuple[int, i
 class _WindowScorer:
     """Scores batches of windows, accumulating on the device in float64 (no host sync per batch)."""
 
-    def __init__(
-        self,
-        scorer,
-        tokens_dev: Tensor,
-        total: int,
-        seq_len: int,
-        rows: int,
-        device: torch.device,
-        autocast_dtype,
-        record_positions: bool,
-    ):
-        self.scorer, self.tokens, self.total = scorer, tokens_dev, total
-        self.seq_len, self.rows = seq_len, rows
-        self.device, self.autocast_dtype = device, autocast_dtype
+    def __init__(self, scorer, tokens_dev: Tensor, total: int, sc: _Scoring, record_positions: bool):
+        self.scorer, self.tokens, self.total, self.sc = scorer, tokens_dev, total, sc
+        device = sc.device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.n_tokens = torch.zeros((), dtype=torch.float64, device=device)
-        self.offsets = torch.arange(seq_len, device=device)
+        self.offsets = torch.arange(sc.seq_len, device=device)
         self.counts = torch.zeros(total, dtype=torch.int32, device=device) if record_positions else None
         self.token_loss = torch.full((total,), float("nan"), device=device) if record_positions else None
 
     def score(self, starts: list[int], first_scored: list[int]) -> None:
         """starts: window starts; first_scored: the first scored offset s of each window."""
-        for b0 in range(0, len(starts), self.rows):
-            ws = starts[b0 : b0 + self.rows]
-            s = first_scored[b0 : b0 + self.rows]
-            pad = self.rows - len(ws)
-            ws_t = torch.tensor(ws + [0] * pad, device=self.device)
-            s_t = torch.tensor(s + [self.seq_len] * pad, device=self.device)  # padded rows score nothing
+        rows, device = self.sc.rows, self.sc.device
+        for b0 in range(0, len(starts), rows):
+            ws = starts[b0 : b0 + rows]
+            s = first_scored[b0 : b0 + rows]
+            pad = rows - len(ws)
+            ws_t = torch.tensor(ws + [0] * pad, device=device)
+            s_t = torch.tensor(s + [self.sc.seq_len] * pad, device=device)  # padded rows score nothing
             pos = ws_t[:, None] + self.offsets[None, :]  # absolute input positions
             valid = pos < self.total
             x = self.tokens[pos.clamp(max=self.total - 1)]
             y = self.tokens[pos.clamp(max=self.total - 1) + 1]
             mask = valid & (self.offsets[None, :] >= s_t[:, None])
-            with _autocast(self.device, self.autocast_dtype):
+            with _autocast(device, self.sc.autocast_dtype):
                 nll = self.scorer(x, y)
             nll = nll.float()
             self.loss_sum += torch.where(mask, nll, 0.0).sum(dtype=torch.float64)
@@ -182,39 +185,27 @@ def _first_scored(starts: list[int], seq_len: int, stride: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _score(
-    model, tokens, total, starts, first, seq_len, batch, byte_counter, byte_range, world_size,
-    device, autocast_dtype, compile, record_positions=False,
-):  # fmt: skip
+def _score(model, tokens, total, starts, first, byte_range, sc: _Scoring, record_positions=False):
     """Score this rank's windows (eval mode, timed), count the bytes of its contiguous target range,
     sum over ranks. Returns (result dict, the scorer)."""
     was_training = model.training
     model.eval()
-    _sync(device)
+    _sync(sc.device)
     t0 = time.perf_counter()
     try:
-        ws = _WindowScorer(
-            make_scorer(model, compile),
-            tokens.to(device),
-            total,
-            seq_len,
-            batch,
-            device,
-            autocast_dtype,
-            record_positions,
-        )
+        ws = _WindowScorer(make_scorer(model, sc.compile), tokens.to(sc.device), total, sc, record_positions)
         ws.score(starts, first)
-        n_bytes = _count_bytes(byte_counter, tokens, *byte_range) if starts else 0
+        n_bytes = _count_bytes(sc.byte_counter, tokens, *byte_range) if starts else 0
         sums = torch.stack(
-            [ws.loss_sum, ws.n_tokens, torch.tensor(float(n_bytes), dtype=torch.float64, device=device)]
+            [ws.loss_sum, ws.n_tokens, torch.tensor(float(n_bytes), dtype=torch.float64, device=sc.device)]
         )
-        _all_reduce_(sums, world_size)
-        _sync(device)
+        _all_reduce_(sums, sc.world_size)
+        _sync(sc.device)
     finally:
         model.train(was_training)
     loss_sum, n_tok, n_bytes = sums.tolist()
     seconds = time.perf_counter() - t0
-    return _result(loss_sum, int(n_tok), int(n_bytes), seconds, byte_counter is not None), ws
+    return _result(loss_sum, int(n_tok), int(n_bytes), seconds, sc.byte_counter is not None), ws
 
 
 @torch.inference_mode()
@@ -233,17 +224,15 @@ def eval_non_overlapping(
     """Mean loss / bpb over the ⌊total/seq_len⌋ disjoint sequences (the remainder is not scored), split
     contiguously across ranks, ``batch_seqs`` per forward (the record's pre-/post-quant eval)."""
     tokens = _tokens(val_tokens)
-    rank, world_size = _rank_world(rank, world_size)
-    device, autocast_dtype, compile = _setup(model, device, autocast_dtype, compile)
+    sc = _scoring(model, seq_len, batch_seqs, byte_counter, rank, world_size, device, autocast_dtype, compile)
     n_seqs = (tokens.numel() - 1) // seq_len
     if n_seqs == 0:
         raise ValueError(f"val_tokens has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    lo, hi = _split(n_seqs, rank, world_size)
+    lo, hi = _split(n_seqs, sc.rank, sc.world_size)
     starts = [i * seq_len for i in range(lo, hi)]
     out, _ = _score(
-        model, tokens, n_seqs * seq_len, starts, [0] * len(starts), seq_len, batch_seqs,
-        byte_counter, (lo * seq_len, hi * seq_len), world_size, device, autocast_dtype, compile,
-    )  # fmt: skip
+        model, tokens, n_seqs * seq_len, starts, [0] * len(starts), (lo * seq_len, hi * seq_len), sc
+    )
     return out
 
 
@@ -270,10 +259,11 @@ def eval_sliding_window(
     """
     tokens = _tokens(val_tokens)
     total = tokens.numel() - 1
-    rank, world_size = _rank_world(rank, world_size)
-    device, autocast_dtype, compile = _setup(model, device, autocast_dtype, compile)
+    sc = _scoring(
+        model, seq_len, batch_windows, byte_counter, rank, world_size, device, autocast_dtype, compile
+    )
     starts = window_starts(total, seq_len, stride)
-    lo, hi = _split(len(starts), rank, world_size)
+    lo, hi = _split(len(starts), sc.rank, sc.world_size)
     mine = starts[lo:hi]
     # The scored ranges of consecutive windows are adjacent, so a rank's targets are one range.
     byte_range = (
@@ -282,9 +272,8 @@ def eval_sliding_window(
         else (0, 0)
     )
     out, ws = _score(
-        model, tokens, total, mine, _first_scored(mine, seq_len, stride), seq_len, batch_windows,
-        byte_counter, byte_range, world_size, device, autocast_dtype, compile, record_positions,
-    )  # fmt: skip
+        model, tokens, total, mine, _first_scored(mine, seq_len, stride), byte_range, sc, record_positions
+    )
     out["windows"] = len(starts)
     if record_positions:
         out["scored_counts"], out["token_loss"] = ws.counts.cpu(), ws.token_loss.cpu()
@@ -296,21 +285,32 @@ def eval_sliding_window(
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TTTConfig:
+    """Score-first TTT's settings; the defaults are the record's (see ttt_score_first)."""
+
+    seq_len: int = DEFAULT_SEQ_LEN
+    stride: int = DEFAULT_STRIDE
+    chunk_tokens: int = TTT_CHUNK_TOKENS
+    epochs: int = TTT_EPOCHS
+    lr: float = TTT_LR
+    momentum: float = TTT_MOMENTUM
+    grad_clip: float = TTT_GRAD_CLIP
+    batch_seqs: int = DEFAULT_BATCH  # training sequences per SGD step (over all ranks)
+    batch_windows: int = DEFAULT_BATCH  # scoring windows per forward
+    hash_embed: bool = True
+    hash_embed_size: int | None = None  # None: the model config's
+
+
+# Columns of the per-chunk sums (float64 on the device, all-reduced once at the end).
+_LOSS_SUM, _TOKENS, _BYTES = range(3)
+
+
 def ttt_score_first(
     model: torch.nn.Module,
     val_tokens,
     byte_counter=None,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    stride: int = DEFAULT_STRIDE,
-    chunk_tokens: int = TTT_CHUNK_TOKENS,
-    epochs: int = TTT_EPOCHS,
-    lr: float = TTT_LR,
-    momentum: float = TTT_MOMENTUM,
-    grad_clip: float = TTT_GRAD_CLIP,
-    batch_seqs: int = DEFAULT_BATCH,
-    batch_windows: int = DEFAULT_BATCH,
-    hash_embed: bool = True,
-    hash_embed_size: int | None = None,
+    config: TTTConfig = TTTConfig(),
     rank: int | None = None,
     world_size: int | None = None,
     device=None,
@@ -327,7 +327,7 @@ def ttt_score_first(
     0.9, no weight decay, one optimizer so momentum persists across chunks) at
     lr·0.5·(1 + cos(π·ci/(n_chunks − 1))), gradients all-reduced (mean over ranks with data), clipped
     to ``grad_clip``. Every parameter trains, plus the zero-initialised hash embedding (created here
-    when ``hash_embed``, removed at the end, so it never reaches an artifact).
+    when ``hash_embed``, removed at the end, so it never reaches an artifact). Settings: ``config``.
 
     The model's weights are changed in place: reload the artifact before anything else uses it.
     With chunk_tokens and seq_len multiples of stride and chunk_tokens >= seq_len (the record: 32,768,
@@ -335,13 +335,18 @@ def ttt_score_first(
     tokens up to its end. Returns the metrics, per-chunk sums (chunk_loss_sum, chunk_tokens_scored,
     chunk_bytes), n_chunks, train_steps, and the phase times score_s / train_s.
     """
+    c = config
+    seq_len, stride, chunk_tokens, batch_seqs = c.seq_len, c.stride, c.chunk_tokens, c.batch_seqs
     tokens = _tokens(val_tokens)
     total = tokens.numel() - 1
-    rank, world_size = _rank_world(rank, world_size)
-    device, autocast_dtype, compile = _setup(model, device, autocast_dtype, compile)
-    if chunk_tokens <= 0 or epochs < 0 or batch_seqs <= 0:
+    sc = _scoring(
+        model, seq_len, c.batch_windows, byte_counter, rank, world_size, device, autocast_dtype, compile
+    )
+    rank, world_size, device = sc.rank, sc.world_size, sc.device
+    if chunk_tokens <= 0 or c.epochs < 0 or batch_seqs <= 0:
         raise ValueError(
-            f"need chunk_tokens > 0, epochs >= 0, batch_seqs > 0 (got {chunk_tokens}, {epochs}, {batch_seqs})"
+            "need chunk_tokens > 0, epochs >= 0, batch_seqs > 0 "
+            f"(got {chunk_tokens}, {c.epochs}, {batch_seqs})"
         )
     starts = window_starts(total, seq_len, stride)
     n_chunks = (total + chunk_tokens - 1) // chunk_tokens
@@ -353,14 +358,14 @@ def ttt_score_first(
     tokens_dev = tokens.to(device)
     was_training = model.training
     saved_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    if hash_embed:
-        model.enable_hash_embedding(hash_embed_size)
+    if c.hash_embed:
+        model.enable_hash_embedding(c.hash_embed_size)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
-    scorer = make_scorer(model, compile)
-    per_chunk = torch.zeros(n_chunks, 3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=0.0)
+    scorer = make_scorer(model, sc.compile)
+    per_chunk = torch.zeros(n_chunks, 3, dtype=torch.float64, device=device)  # columns _LOSS_SUM, ...
     score_s = train_s = 0.0
     train_steps = 0
     _sync(device)
@@ -373,14 +378,12 @@ def ttt_score_first(
             lo, hi = _split(len(chunk_windows[ci]), rank, world_size)
             mine = chunk_windows[ci][lo:hi]
             with torch.no_grad():
-                ws = _WindowScorer(
-                    scorer, tokens_dev, total, seq_len, batch_windows, device, autocast_dtype, False
-                )
+                ws = _WindowScorer(scorer, tokens_dev, total, sc, False)
                 ws.score(mine, _first_scored(mine, seq_len, stride))
-                per_chunk[ci, 0] = ws.loss_sum
-                per_chunk[ci, 1] = ws.n_tokens
+                per_chunk[ci, _LOSS_SUM] = ws.loss_sum
+                per_chunk[ci, _TOKENS] = ws.n_tokens
                 if mine:
-                    per_chunk[ci, 2] = float(
+                    per_chunk[ci, _BYTES] = float(
                         _count_bytes(
                             byte_counter,
                             tokens,
@@ -392,51 +395,49 @@ def ttt_score_first(
             t1 = time.perf_counter()
             score_s += t1 - t0
             # 2. adapt on the chunk just scored (never on the last one)
-            if ci == n_chunks - 1 or epochs == 0:
+            if ci == n_chunks - 1 or c.epochs == 0:
                 continue
             chunk_start, chunk_end = ci * chunk_tokens, min((ci + 1) * chunk_tokens, total)
             n_seqs = (chunk_end - chunk_start) // seq_len
             if n_seqs == 0:
                 continue
-            lr_ci = lr * 0.5 * (1.0 + math.cos(math.pi * ci / (n_chunks - 1)))
+            lr_ci = c.lr * 0.5 * (1.0 + math.cos(math.pi * ci / (n_chunks - 1)))
             for group in optimizer.param_groups:
                 group["lr"] = lr_ci
             shares = [_split(n_seqs, r, world_size) for r in range(world_size)]
             s_lo, s_hi = shares[rank]
             steps_per_epoch = math.ceil(math.ceil(n_seqs / world_size) / batch_seqs)  # same on all ranks
             model.train()
-            for _ in range(epochs):
+            for _ in range(c.epochs):
                 for step in range(steps_per_epoch):
                     b0 = s_lo + step * batch_seqs
                     b1 = min(b0 + batch_seqs, s_hi)
-                    ranks_with_data = sum(lo + step * batch_seqs < hi for lo, hi in shares)
-                    _ttt_step(
-                        model,
-                        params,
-                        optimizer,
-                        tokens_dev,
-                        chunk_start,
-                        b0,
-                        b1,
-                        seq_len,
-                        grad_clip,
-                        world_size,
-                        ranks_with_data,
-                        device,
-                        autocast_dtype,
+                    # The last target is chunk_start + b1 * seq_len <= chunk_end: already scored.
+                    seqs = (
+                        tokens_dev[chunk_start + b0 * seq_len : chunk_start + b1 * seq_len + 1]
+                        if b1 > b0
+                        else None
                     )
+                    ranks_with_data = sum(lo + step * batch_seqs < hi for lo, hi in shares)
+                    _ttt_step(model, params, optimizer, seqs, c.grad_clip, ranks_with_data, sc)
                     train_steps += 1
             _sync(device)
             train_s += time.perf_counter() - t1
     finally:
-        if hash_embed:
+        if c.hash_embed:
             model.disable_hash_embedding()
         for p, flag in saved_requires_grad:
             p.requires_grad_(flag)
         model.train(was_training)
     _all_reduce_(per_chunk, world_size)
-    loss_sum, n_tok, n_bytes = per_chunk.sum(0).tolist()
-    out = _result(loss_sum, int(n_tok), int(n_bytes), time.perf_counter() - t_start, byte_counter is not None)
+    totals = per_chunk.sum(0).tolist()
+    out = _result(
+        totals[_LOSS_SUM],
+        int(totals[_TOKENS]),
+        int(totals[_BYTES]),
+        time.perf_counter() - t_start,
+        byte_counter is not None,
+    )
     cpu = per_chunk.cpu()
     out.update(
         n_chunks=n_chunks,
@@ -444,41 +445,27 @@ def ttt_score_first(
         train_steps=train_steps,
         score_s=score_s,
         train_s=train_s,
-        chunk_loss_sum=cpu[:, 0].tolist(),
-        chunk_tokens_scored=[int(v) for v in cpu[:, 1].tolist()],
-        chunk_bytes=[int(v) for v in cpu[:, 2].tolist()],
+        chunk_loss_sum=cpu[:, _LOSS_SUM].tolist(),
+        chunk_tokens_scored=[int(v) for v in cpu[:, _TOKENS].tolist()],
+        chunk_bytes=[int(v) for v in cpu[:, _BYTES].tolist()],
     )
     return out
 
 
 def _ttt_step(
-    model,
-    params,
-    optimizer,
-    tokens_dev,
-    chunk_start,
-    b0,
-    b1,
-    seq_len,
-    grad_clip,
-    world_size,
-    ranks_with_data,
-    device,
-    autocast_dtype,
+    model, params, optimizer, seqs: Tensor | None, grad_clip, ranks_with_data, sc: _Scoring
 ) -> None:
-    """One SGD step on sequences [b0, b1) of the chunk (possibly none on this rank)."""
+    """One SGD step on this rank's training sequences ``seqs`` (seq_len + 1 tokens per sequence, the
+    last target included; None when this rank has none at this step)."""
     optimizer.zero_grad(set_to_none=False)
-    has_data = b1 > b0
-    if has_data:
-        lo = chunk_start + b0 * seq_len
-        hi = chunk_start + b1 * seq_len + 1  # the last target is chunk_start + b1*seq_len <= chunk_end
-        local = tokens_dev[lo:hi]
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        with _autocast(device, autocast_dtype):
+    if seqs is not None:
+        x = seqs[:-1].reshape(-1, sc.seq_len)
+        y = seqs[1:].reshape(-1, sc.seq_len)
+        with _autocast(sc.device, sc.autocast_dtype):
             loss = model(x, y)
         loss.backward()
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
+    world_size = sc.world_size
+    if world_size > 1 and initialized():
         # Mean over the ranks that had sequences (all of them in the record: 16 seqs over 8 ranks): a
         # rank without data contributes zeros to one all-reduce per dtype, and the mean is rescaled.
         for p in params:
@@ -488,7 +475,7 @@ def _ttt_step(
         average_gradients(grads)
         if 0 < ranks_with_data < world_size:
             torch._foreach_mul_(grads, world_size / ranks_with_data)
-    elif not has_data:
+    elif seqs is None:
         return
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()

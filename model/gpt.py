@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,32 @@ from .config import GPTConfig
 
 Observer = Callable[[tuple, torch.Tensor], None]
 
-# Legacy (unbanked, PR #1493) names of the per-layer matrices, in SPEC §4.2 order.
-_LEGACY = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+
+class LayerWeights(NamedTuple):
+    """One physical layer's six matrices (F.linear (out, in) layout), in SPEC §4.2 order."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+# The one layer -> bank map: where LayerWeights field f of physical layer i lives, bank[i + slot * n]
+# with n = num_layers, and its legacy (unbanked, PR #1493) state-dict name.
+_BANK_MAP = {
+    "q": ("qo_bank", 0, "attn.c_q"),
+    "k": ("kv_bank", 0, "attn.c_k"),
+    "v": ("kv_bank", 1, "attn.c_v"),
+    "o": ("qo_bank", 1, "attn.proj"),
+    "up": ("mlp_up_bank", 0, "mlp.fc"),
+    "down": ("mlp_down_bank", 0, "mlp.proj"),
+}
+
+
+def legacy_name(layer: int, field: str) -> str:
+    return f"blocks.{layer}.{_BANK_MAP[field][2]}.weight"
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +167,7 @@ class Block(nn.Module):
         b, t, _ = x.shape
         i = self.layer_idx
         if observe is not None:
-            observe(tuple(f"blocks.{i}.{n}.weight" for n in _LEGACY[:3]), x.detach().reshape(-1, x.size(-1)))
+            observe(tuple(legacy_name(i, f) for f in "qkv"), x.detach().reshape(-1, x.size(-1)))
         q = F.linear(x, w_q).reshape(b, t, self.num_heads, self.head_dim)
         k = F.linear(x, w_k).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = F.linear(x, w_v).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -154,7 +179,7 @@ class Block(nn.Module):
             y = exclusive_self_attention(y, v)
         y = y.reshape(b, t, -1)
         if observe is not None:
-            observe((f"blocks.{i}.attn.proj.weight",), y.detach().reshape(-1, y.size(-1)))
+            observe((legacy_name(i, "o"),), y.detach().reshape(-1, y.size(-1)))
         return F.linear(y, w_o)
 
     def mlp(self, x, w_up, w_down, mlp_impl: str, observe: Observer | None):
@@ -162,21 +187,22 @@ class Block(nn.Module):
             return kernels.fused_mlp(x, w_up, w_down, impl=mlp_impl)
         # Calibration path: the reference math, exposing both matmul inputs.
         i = self.layer_idx
-        observe((f"blocks.{i}.mlp.fc.weight",), x.detach().reshape(-1, x.size(-1)))
+        observe((legacy_name(i, "up"),), x.detach().reshape(-1, x.size(-1)))
         h = F.leaky_relu(F.linear(x, w_up), negative_slope=0.5).square()
-        observe((f"blocks.{i}.mlp.proj.weight",), h.detach().reshape(-1, h.size(-1)))
+        observe((legacy_name(i, "down"),), h.detach().reshape(-1, h.size(-1)))
         return F.linear(h, w_down)
 
     def attn_residual(self, x, x0, w, cos, sin, attn_impl, observe):
         """resid_mix with x0, then x_in + attn_scale * Attn(rmsnorm(x_in) * s)."""
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        a = self.attention(rms_norm(x_in) * self.ln_scale_factor, *w[:4], cos, sin, attn_impl, observe)
+        x_n = rms_norm(x_in) * self.ln_scale_factor
+        a = self.attention(x_n, w.q, w.k, w.v, w.o, cos, sin, attn_impl, observe)
         return x_in + self.attn_scale.to(x.dtype) * a
 
     def mlp_residual(self, x, w, mlp_impl, observe):
         """x + mlp_scale * MLP(rmsnorm(x) * s) (no resid_mix)."""
-        m = self.mlp(rms_norm(x) * self.ln_scale_factor, w[4], w[5], mlp_impl, observe)
+        m = self.mlp(rms_norm(x) * self.ln_scale_factor, w.up, w.down, mlp_impl, observe)
         return x + self.mlp_scale.to(x.dtype) * m
 
     def forward(self, x, x0, w, cos, sin, attn_impl: str, mlp_impl: str, observe: Observer | None = None):
@@ -213,18 +239,13 @@ class GPT(nn.Module):
         """SPEC §3.9: tied embedding N(0, 0.005^2); Q, K, V, up orthogonal per slice; O, down zero."""
         if self.qo_bank.is_meta:
             return
-        n = self.config.num_layers
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
-        for i in range(n):
-            for bank, j in (
-                (self.qo_bank, i),
-                (self.kv_bank, i),
-                (self.kv_bank, n + i),
-                (self.mlp_up_bank, i),
-            ):
-                nn.init.orthogonal_(bank[j], gain=1.0)
-        self.qo_bank[n:].zero_()
-        self.mlp_down_bank.zero_()
+        for i in range(self.config.num_layers):
+            for f, (bank, j) in self._bank_slots(i).items():
+                if f in ("o", "down"):
+                    bank[j].zero_()
+                else:
+                    nn.init.orthogonal_(bank[j], gain=1.0)
 
     def to_training_dtypes(self, embed_dtype: torch.dtype = torch.bfloat16) -> GPT:
         """The seed's training layout: tok_emb master in `embed_dtype` (bf16; its AdamW updates it in
@@ -265,19 +286,13 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def _weights(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def _bank_slots(self, i: int) -> dict[str, tuple[nn.Parameter, int]]:
+        """(bank, index) of each of physical layer i's matrices, by LayerWeights field."""
         n = self.config.num_layers
-        return tuple(
-            t.to(dtype)
-            for t in (
-                self.qo_bank[i],
-                self.kv_bank[i],
-                self.kv_bank[n + i],
-                self.qo_bank[n + i],
-                self.mlp_up_bank[i],
-                self.mlp_down_bank[i],
-            )
-        )
+        return {f: (getattr(self, bank), i + slot * n) for f, (bank, slot, _) in _BANK_MAP.items()}
+
+    def _weights(self, i: int, dtype: torch.dtype) -> LayerWeights:
+        return LayerWeights(**{f: bank[j].to(dtype) for f, (bank, j) in self._bank_slots(i).items()})
 
     def hash_keys(self, ids: torch.Tensor) -> torch.Tensor:
         """(prev * 2039 + cur) mod size, prev = 0 at each sequence's first position (#1523)."""
@@ -366,23 +381,11 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- state and bookkeeping
 
     def _legacy_slices(self) -> Iterator[tuple[str, nn.Parameter, int]]:
-        n = self.config.num_layers
-        for i in range(n):
-            for name, bank, j in zip(
-                _LEGACY,
-                (
-                    self.qo_bank,
-                    self.kv_bank,
-                    self.kv_bank,
-                    self.qo_bank,
-                    self.mlp_up_bank,
-                    self.mlp_down_bank,
-                ),
-                (i, i, n + i, n + i, i, i),
-            ):
-                yield f"blocks.{i}.{name}.weight", bank, j
+        for i in range(self.config.num_layers):
+            for f, (bank, j) in self._bank_slots(i).items():
+                yield legacy_name(i, f), bank, j
 
-    _BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+    _BANKS = tuple(dict.fromkeys(bank for bank, _, _ in _BANK_MAP.values()))
 
     def unbanked_state_dict(self) -> dict[str, torch.Tensor]:
         """state_dict with each bank replaced by per-layer 2-D tensors under the legacy names of

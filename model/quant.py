@@ -5,22 +5,20 @@ SPEC.md §7. The flow used by train.py::
     hessians = collect_hessians(model, train_batches)        # TRAINING batches, never validation
     report = save_artifact(model, hessians, path)             # GPTQ -> torch.save -> shuffle -> Brotli-11
     load_artifact(model, path)                                # reverse, dequantise, load into the banks
-    size = size_report(code_size()["code_bytes"], report["model_bytes"])   # PASS/FAIL against the cap
+    size = size_report(code_size()["code_bytes"], report["model_bytes"])   # PASS/FAIL (model/shipped_code.py)
 
 Quantisation runs on ``model.unbanked_state_dict()`` (per-layer 2-D matrices with the legacy names), so
 call ``save_artifact`` with the EMA weights already loaded into the model.
+
+Over 500 lines on purpose: Hessians, GPTQ, the compressed container and the fit to the cap are one
+pipeline read top to bottom (the code's side of the cap is model/shipped_code.py).
 """
 
 from __future__ import annotations
 
-import ast
-import base64
-import glob
 import io
-import lzma
 import os
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable
@@ -31,6 +29,8 @@ import brotli
 import numpy as np
 import torch
 from torch import Tensor
+
+from .atomic import atomic_write
 
 CAP_BYTES = 16_000_000  # decimal: code + compressed model ([RULES])
 PASSTHROUGH_MAX_NUMEL = 65_536  # tensors with at most this many elements are stored as fp16
@@ -43,9 +43,6 @@ SHUFFLE_MAGIC = b"BSHF"
 BROTLI_QUALITY = 11
 BROTLI_SEGMENTS = 16  # independent Brotli streams, compressed in parallel (see brotli_segments_compress)
 SEGMENTS_MAGIC = b"GBQ1"
-
-# The files that would ship with a submission, in one place (globs relative to the repository root).
-SHIPPED_CODE = ("train.py", "kernels/*.py", "optim/*.py", "model/*.py")
 
 
 class ArtifactError(ValueError):
@@ -420,23 +417,6 @@ def unpack_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, Ten
     return obj["w"], obj["m"]
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, object]]:
     path = Path(path)
     if not path.is_file():
@@ -502,7 +482,8 @@ def save_artifact(
             break
         n_matrix = sum(state_dict[n].numel() for n, m in meta.items() if m.get("b") == MATRIX_BITS)
         k = next_matrix_clip_sigmas(k, excess, n_matrix)
-    write_bytes_atomic(path, blob)
+    with atomic_write(path) as f:
+        f.write(blob)
     n_q = sum(1 for m in meta.values() if m["s"] == "gptq")
     return {
         "path": str(path),
@@ -532,88 +513,8 @@ def load_artifact(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.M
 
 
 # ---------------------------------------------------------------------------------------------------
-# Code-size accounting and the cap (SPEC §7.5)
+# The cap (SPEC §7.5); the code bytes come from model/shipped_code.py
 # ---------------------------------------------------------------------------------------------------
-
-# A minimal self-extracting loader: it writes the bundled files next to itself (real files, so that
-# Triton's inspect.getsource works — SPEC §10 item 20) and runs train.py. The bundle is the
-# minified sources joined as "path\x01source" records separated by "\x00".
-_STUB = (
-    "import lzma,base64,os,sys,runpy\n"
-    "D=os.path.join(os.path.dirname(os.path.abspath(__file__)),'_golf');sys.path.insert(0,D)\n"
-    "for e in lzma.decompress(base64.b85decode(P)).decode().split('\\0'):\n"
-    " n,s=e.split('\\1',1);p=os.path.join(D,n);os.makedirs(os.path.dirname(p),exist_ok=True)\n"
-    " open(p,'w').write(s)\n"
-    "runpy.run_path(os.path.join(D,'train.py'),run_name='__main__')\n"
-)
-
-
-def minify_source(source: str) -> str:
-    """Drop docstrings and comments (ast round trip). A body left empty becomes ``pass``."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            body = node.body
-            if (
-                body
-                and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)
-            ):
-                node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree) + "\n"
-
-
-def shipped_files(root: str | os.PathLike = ".", patterns: Iterable[str] = SHIPPED_CODE) -> list[str]:
-    """The shipped files under ``root`` as sorted relative POSIX paths (missing globs contribute none)."""
-    root = Path(root)
-    found: set[str] = set()
-    for pat in patterns:
-        for p in glob.glob(str(root / pat)):
-            found.add(Path(p).relative_to(root).as_posix())
-    return sorted(found)
-
-
-def build_code_bundle(
-    root: str | os.PathLike = ".", patterns: Iterable[str] = SHIPPED_CODE
-) -> tuple[str, dict[str, object]]:
-    """The single-file submission the shipped code would become, and its accounting.
-
-    code_bytes = len(UTF-8 of ``P=b'<base85(xz(bundle))>'\\n`` + the loader stub), where bundle =
-    "\\x00".join(path + "\\x01" + minify(source)) over the shipped files and xz = LZMA preset 9|extreme.
-    Deterministic for a given Python version (ast.unparse formatting). Computed only: our own code is
-    never exec-wrapped (that would break Triton, SPEC §10 item 20).
-    """
-    root = Path(root)
-    files = shipped_files(root, patterns)
-    if not files:
-        raise FileNotFoundError(f"no shipped code under {root} matching {list(patterns)}")
-    raw = minified = 0
-    records = []
-    for rel in files:
-        src = (root / rel).read_text(encoding="utf-8")
-        mini = minify_source(src)
-        raw += len(src.encode())
-        minified += len(mini.encode())
-        records.append(rel + "\x01" + mini)
-    bundle = "\x00".join(records).encode()
-    packed = lzma.compress(bundle, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
-    payload = base64.b85encode(packed).decode("ascii")
-    script = f"P=b'{payload}'\n" + _STUB
-    info = {
-        "files": files,
-        "raw_bytes": raw,
-        "minified_bytes": minified,
-        "lzma_bytes": len(packed),
-        "stub_bytes": len(script.encode()) - len(payload),
-        "code_bytes": len(script.encode()),
-    }
-    return script, info
-
-
-def code_size(root: str | os.PathLike = ".", patterns: Iterable[str] = SHIPPED_CODE) -> dict[str, object]:
-    """:func:`build_code_bundle`'s accounting: files, raw/minified/lzma/stub/code bytes."""
-    return build_code_bundle(root, patterns)[1]
 
 
 def size_report(code_bytes: int, model_bytes: int, cap: int = CAP_BYTES, strict: bool = False) -> dict:

@@ -28,6 +28,9 @@ leading dim is padded to a multiple of the world size W; each rank owns `padded 
 un-averaged gradients. Every momentum buffer (the shard buffers included) is `optimizer.state`, so
 `state_dict()` / `load_state_dict()` round-trip it and restoring a snapshot resets it (SPEC 10 item 12).
 In the sharded case a rank's state holds its own shard, so a state dict loads back at the same world size.
+
+Over 500 lines on purpose: the plan, the CUDA-graphed single-process step and the sharded step all work
+on one Muon instance's state (plan, buffers, graphs) and are read together.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .distributed import rank_world
 from .newton_schulz import (
     EPS,
     _ns_stack,
@@ -56,9 +60,25 @@ _MAX_GRAPHS = 16
 _HYPER_RING = 4
 
 
+class _Hyper(NamedTuple):
+    """One member's row of h, the (members, 4) fp32 device tensor the (graphed) step reads its
+    hyper-parameters from; the field order is the column order."""
+
+    momentum: float
+    grad_scale: float
+    decay: float  # 1 - lr * wd
+    step: float  # -lr * scale
+
+
+# Column numbers of h, as plain ints so that compiled code indexes h with constants.
+_MOMENTUM = _Hyper._fields.index("momentum")
+_GRAD_SCALE = _Hyper._fields.index("grad_scale")
+_DECAY = _Hyper._fields.index("decay")
+_STEP = _Hyper._fields.index("step")
+
+
 # ---------------------------------------------------------------------------------------------------------
-# The maths of one NS group (traceable by torch.compile(fullgraph=True)).
-# h is a (members, 4) fp32 tensor: [momentum, grad scale, 1 - lr * wd, -lr * scale] per member.
+# The maths of one NS group (traceable by torch.compile(fullgraph=True)); h: see _Hyper.
 
 
 def _prepare(grads, bufs, h, rows, transpose, nesterov, row_normalize, coeffs, eps):
@@ -66,8 +86,8 @@ def _prepare(grads, bufs, h, rows, transpose, nesterov, row_normalize, coeffs, e
     group mixes orientations), then Newton-Schulz. Updates `bufs` in place; returns the bf16 NS stack."""
     stack = []
     for g, buf, r, t in zip(grads, bufs, rows, transpose):
-        mu = h[r, 0]
-        g = g.float() * h[r, 1]
+        mu = h[r, _MOMENTUM]
+        g = g.float() * h[r, _GRAD_SCALE]
         buf.copy_(buf.float() * mu + g)
         u = g + mu * buf.float() if nesterov else buf.float()
         if row_normalize:
@@ -83,7 +103,7 @@ def _apply(params, updates, h, rows, transpose):
     """W <- W * (1 - lr * wd) - lr * scale * X, with X back in the parameter's orientation."""
     for p, x, r, t in zip(params, updates, rows, transpose):
         x = (x.mT if t else x).reshape(p.shape)
-        p.copy_(p * h[r, 2] + x.float() * h[r, 3])
+        p.copy_(p * h[r, _DECAY] + x.float() * h[r, _STEP])
 
 
 def _single_step(params, grads, bufs, h, rows, transpose, nesterov, row_normalize, coeffs, eps):
@@ -213,11 +233,6 @@ class Muon(torch.optim.Optimizer):
 
     # ----- plan -------------------------------------------------------------------------------------------
 
-    def _world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
-        return 1, 0
-
     def _signature(self) -> tuple:
         groups = tuple(
             (
@@ -228,13 +243,13 @@ class Muon(torch.optim.Optimizer):
             )
             for g in self.param_groups
         )
-        return groups, self._world()
+        return groups, rank_world(self.process_group)
 
     def _get_plan(self) -> _Plan:
         signature = self._signature()
         if self._plan is not None and self._plan.signature == signature:
             return self._plan
-        world, rank = self._world()
+        rank, world = rank_world(self.process_group)
         members: list[_Member] = []
         keyed: dict[tuple, list[_Member]] = {}
         for gi, group in enumerate(self.param_groups):
@@ -270,7 +285,7 @@ class Muon(torch.optim.Optimizer):
             signature=signature,
             members=members,
             groups=groups,
-            h=torch.zeros(len(members), 4, dtype=torch.float32, device=device),
+            h=torch.zeros(len(members), len(_Hyper._fields), dtype=torch.float32, device=device),
             world=world,
             rank=rank,
             process_group=self.process_group,
@@ -317,14 +332,21 @@ class Muon(torch.optim.Optimizer):
         return state["momentum_buffer"]
 
     def _write_hyper(self, plan: _Plan) -> None:
-        """Write [momentum, grad scale, 1 - lr * wd, -lr * scale] per member into the device tensor the
-        (graphed) step reads; skipped when unchanged. This runs every step, so it stays cheap on the host:
-        a small ring of pinned buffers, each reused only after its previous copy finished (no host sync)."""
+        """Write each member's _Hyper row into h, which the (graphed) step reads; skipped when unchanged.
+        This runs every step, so it stays cheap on the host: a small ring of pinned buffers, each reused
+        only after its previous copy finished (no host sync)."""
         rows = []
         for m in plan.members:
             g = self.param_groups[m.group_index]
             lr = float(g["lr"])
-            rows.append((float(g["momentum"]), plan.grad_scale, 1.0 - lr * g["weight_decay"], -lr * m.scale))
+            rows.append(
+                _Hyper(
+                    momentum=float(g["momentum"]),
+                    grad_scale=plan.grad_scale,
+                    decay=1.0 - lr * g["weight_decay"],
+                    step=-lr * m.scale,
+                )
+            )
         if rows == plan.hyper_rows:
             return
         plan.hyper_rows = rows
@@ -515,31 +537,3 @@ class Muon(torch.optim.Optimizer):
                 self.state[m.p]["momentum_buffer"] = buf
             elif new is not None:
                 self.state[m.p]["momentum_buffer"] = new.to(self.momentum_dtype).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def average_gradients(grads: Sequence[Tensor], group=None) -> None:
-    """Average tensors (the non-bank gradients) across ranks in place: one all-reduce per dtype.
-
-    Flattens each dtype's tensors into one buffer, all-reduces it (AVG on NCCL, else SUM then 1/W), and
-    copies the results back. A no-op without torch.distributed or on one rank.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    world = dist.get_world_size(group)
-    if world == 1 or not grads:
-        return
-    nccl = dist.get_backend(group) == "nccl"
-    by_dtype: dict[tuple, list[Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault((g.dtype, g.device), []).append(g)
-    for tensors in by_dtype.values():
-        flat = _flatten_dense_tensors(tensors)
-        dist.all_reduce(flat, op=dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM, group=group)
-        if not nccl:
-            flat.mul_(1.0 / world)
-        for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-            t.copy_(synced)

@@ -19,15 +19,18 @@ import pytest
 import torch
 
 import train
+from model import checkpoint, run_config
+from model.train_step import FAULT_ENV
+from optim.distributed import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SAVE_EVERY = 60  # the tiny preset runs 120 steps: checkpoints at 60 and 120
 
 
 def _clean_env(**extra) -> dict:
-    names = {f.name.upper() for f in dataclasses.fields(train.Config)}
-    names |= {n.upper() for n in train._model_fields()}
-    env = {k: v for k, v in os.environ.items() if k not in names and k not in ("RUN_ID", train.FAULT_ENV)}
+    names = {f.name.upper() for f in dataclasses.fields(run_config.Config)}
+    names |= {n.upper() for n in run_config.model_fields()}
+    env = {k: v for k, v in os.environ.items() if k not in names and k not in ("RUN_ID", FAULT_ENV)}
     env.pop("TRITON_INTERPRET", None)  # train.py uses the torch reference on CPU anyway
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -162,24 +165,24 @@ def test_resume_equals_the_uninterrupted_run(tiny_run, tmp_path):
 
 
 def test_resume_refuses_a_config_or_code_mismatch(tiny_run, monkeypatch):
-    meta = train.read_checkpoint_meta(tiny_run / "ckpt" / f"step_{TINY_SAVE_EVERY:06d}")
-    pd = train.Dist()
-    monkeypatch.setattr(train, "code_hash", lambda: meta["code_hash"])  # the tree may change meanwhile
-    same = train.resolve_config("tiny", env={})
-    assert train.check_resume(meta, same, pd, 1, force=False) == []
-    other = train.resolve_config("tiny", env={"MATRIX_LR": "0.03"})
+    meta = checkpoint.read_checkpoint_meta(tiny_run / "ckpt" / f"step_{TINY_SAVE_EVERY:06d}")
+    pd = Dist()
+    monkeypatch.setattr(checkpoint, "code_hash", lambda: meta["code_hash"])  # the tree may change meanwhile
+    same = run_config.resolve_config("tiny", env={})
+    assert checkpoint.check_resume(meta, same, pd, 1, force=False) == []
+    other = run_config.resolve_config("tiny", env={"MATRIX_LR": "0.03"})
     with pytest.raises(SystemExit, match="matrix_lr"):
-        train.check_resume(meta, other, pd, 1, force=False)
-    assert "config differs" in train.check_resume(meta, other, pd, 1, force=True)[0]
-    monkeypatch.setattr(train, "code_hash", lambda: "0" * 64)
+        checkpoint.check_resume(meta, other, pd, 1, force=False)
+    assert "config differs" in checkpoint.check_resume(meta, other, pd, 1, force=True)[0]
+    monkeypatch.setattr(checkpoint, "code_hash", lambda: "0" * 64)
     with pytest.raises(SystemExit, match="code hash"):
-        train.check_resume(meta, same, pd, 1, force=False)
+        checkpoint.check_resume(meta, same, pd, 1, force=False)
     with pytest.raises(SystemExit, match="same layout"):
-        train.check_resume(meta, same, pd, 2, force=True)
+        checkpoint.check_resume(meta, same, pd, 2, force=True)
 
 
 def test_nonfinite_guard_stops_before_the_step_naming_step_and_rank(tmp_path):
-    env = _clean_env(ITERATIONS=5, WARMUP_STEPS=1, **{train.FAULT_ENV: "3"})
+    env = _clean_env(ITERATIONS=5, WARMUP_STEPS=1, **{FAULT_ENV: "3"})
     proc = _run(["--save-every", "2", "--train-only"], tmp_path, "nan", env=env, check=False)
     assert proc.returncode != 0
     assert "non-finite loss or gradient at step 3 on rank(s) [0]" in proc.stderr
@@ -233,7 +236,7 @@ def test_config_env_and_cli_overrides():
         "QK_GAIN_INIT": "5.25",  # a GPTConfig field
         "PATH": "/usr/bin",  # unrelated variables are ignored
     }
-    cfg = train.resolve_config("record", env=env, cli={"seed": "7"}, cli_model={"num_loops": "1"})
+    cfg = run_config.resolve_config("record", env=env, cli={"seed": "7"}, cli_model={"num_loops": "1"})
     assert (cfg.seed, cfg.iterations, cfg.ttt_enabled, cfg.ttt_lr) == (7, 300, False, 0.005)
     assert (cfg.muon_momentum, cfg.hash_embed_enabled, cfg.max_wallclock_seconds, cfg.warmdown_frac) == (
         0.99,
@@ -242,52 +245,12 @@ def test_config_env_and_cli_overrides():
         0.72,
     )
     assert cfg.model_overrides == {"qk_gain_init": 5.25, "num_loops": 1}
-    mcfg = train.model_config(cfg, torch.device("cpu"))
+    mcfg = run_config.model_config(cfg, torch.device("cpu"))
     assert (mcfg.qk_gain_init, mcfg.num_loops, mcfg.mlp_impl) == (5.25, 1, "torch")
-    assert train.resolve_config("record", env={}) == train.PRESETS["record"]
+    assert run_config.resolve_config("record", env={}) == run_config.PRESETS["record"]
     with pytest.raises(ValueError, match="TTT_ENABLED"):
-        train.resolve_config("record", env={"TTT_ENABLED": "maybe"})
+        run_config.resolve_config("record", env={"TTT_ENABLED": "maybe"})
     with pytest.raises(ValueError, match="kernels"):
-        train.resolve_config("record", env={"KERNELS": "cutlass"})
+        run_config.resolve_config("record", env={"KERNELS": "cutlass"})
     args, cli, cli_model = train.parse_args(["--matrix-lr", "0.03", "--model-num-loops", "1"])
     assert cli == {"matrix_lr": "0.03"} and cli_model == {"num_loops": "1"}
-
-
-def test_schedule():
-    cfg = train.PRESETS["record"]
-    assert train.lr_multiplier(0.0, 0.667, 0.0) == 1.0
-    assert train.lr_multiplier(0.333, 0.667, 0.0) == 1.0
-    assert train.lr_multiplier(0.6665, 0.667, 0.0) == pytest.approx(0.5, abs=1e-3)
-    assert train.lr_multiplier(1.0, 0.667, 0.0) == 0.0
-    assert train.muon_momentum(cfg, 0) == pytest.approx(0.92)
-    assert train.muon_momentum(cfg, 750) == pytest.approx(0.945)
-    assert train.muon_momentum(cfg, 5000) == pytest.approx(0.97)
-    # wallclock fraction of 588 s (600 - 12 reserve) unless the iterations bound is nearer
-    assert train.progress(cfg, 10, 294.0) == pytest.approx(0.5)
-    assert train.progress(dataclasses.replace(cfg, iterations=20), 10, 1.0) == pytest.approx(0.5)
-
-
-def test_reference_settings_match_ours_on_cpu():
-    """kernels=torch + per-matrix Muon (the bench's reference) and the banked Muon make the same steps."""
-    device = torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)
-    batch = [tuple(torch.randint(0, 1024, (4, 64), generator=gen) for _ in range(2))]
-    losses, weights = {}, {}
-    for impl in ("banked", "per_matrix"):
-        cfg = train.resolve_config("tiny", env={}, cli={"muon_impl": impl, "kernels": "torch"})
-        model = train.build_model(cfg, device)
-        opts = train.Optimizers(model, cfg, device)
-        fixed = type("B", (), {"next": lambda self, j, d: batch[j]})()
-        losses[impl] = []
-        for step in range(3):
-            opts.set_schedule(1.0, train.muon_momentum(cfg, step))
-            loss = train.forward_backward(model, fixed, 1, device)
-            train.clip_gradients(opts.params, cfg.grad_clip_norm)
-            opts.step()
-            losses[impl].append(loss.item())
-        weights[impl] = model.state_dict()
-    assert losses["banked"][0] == losses["per_matrix"][0]
-    assert losses["banked"] == pytest.approx(losses["per_matrix"], abs=1e-4)
-    assert losses["banked"][2] < losses["banked"][0]
-    for k, v in weights["banked"].items():
-        torch.testing.assert_close(v, weights["per_matrix"][k], rtol=0, atol=2e-3, msg=k)

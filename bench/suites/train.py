@@ -1,6 +1,6 @@
 """The whole training step of train.py at the record config on one GPU, in both loop modes.
 
-One timed call = one optimizer step exactly as train.py runs it (Run.step): `accum` micro-batches of
+One timed call = one optimizer step exactly as train.py runs it (Trainer.step): `accum` micro-batches of
 48 x 2048 tokens forward + backward (bf16 autocast, model compiled with fullgraph=True), the per-rank
 gradient clip, the non-finite guard (one host sync) and the optimizer step (Muon on the banks, AdamW on
 the embedding and scalars). accum 1 is one rank's step at world size 8 (the record); accum 8 is the whole
@@ -30,7 +30,7 @@ SETTINGS = {
 
 
 class _FixedBatches:
-    """Stands in for train.Batches: the same micro-batches every step, already on the device."""
+    """Stands in for model.data.RankBatches: the same micro-batches every step, already on the device."""
 
     def __init__(self, batches):
         self.batches = batches
@@ -42,18 +42,19 @@ class _FixedBatches:
 def build(provider: str, accum: int, looping: bool = False) -> SimpleNamespace:
     """train.py's pieces for one provider at the record config: cfg, model, model_c (compiled), opts,
     batches (fixed, on the GPU), pd, log. The step profile (bench/profile.py) builds from this too."""
-    import train as T
+    from model.report import Logger
+    from model.run_config import resolve_config
+    from model.train_step import build_model, compile_model
+    from optim.distributed import Dist
+    from optim.optimizers import Optimizers
 
     device = torch.device("cuda")
-    cli = {
-        "grad_accum_steps": accum,
-        "train_batch_tokens": accum * MICRO_SEQS * SEQ_LEN,
-        **SETTINGS[provider],
-    }
-    cfg = T.resolve_config("record", env={}, cli=cli)
-    model = T.build_model(cfg, device)
+    tokens = accum * MICRO_SEQS * SEQ_LEN
+    cli = {"grad_accum_steps": accum, "train_batch_tokens": tokens, **SETTINGS[provider]}
+    cfg = resolve_config("record", env={}, cli=cli)
+    model = build_model(cfg, device)
     model.set_looping(looping)
-    opts = T.Optimizers(model, cfg, device)
+    opts = Optimizers(model, cfg, device)
     opts.set_schedule(1.0, cfg.muon_momentum)
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -67,26 +68,26 @@ def build(provider: str, accum: int, looping: bool = False) -> SimpleNamespace:
     return SimpleNamespace(
         cfg=cfg,
         model=model,
-        model_c=T.compile_model(model, cfg, device),
+        model_c=compile_model(model, cfg, device),
         opts=opts,
         batches=batches,
         accum=accum,
         device=device,
-        pd=T.Dist(device=device),
-        log=T.Logger(None, main=False),
+        pd=Dist(device=device),
+        log=Logger(None, main=False),
     )
 
 
 def _setup(looping: bool, accum: int, provider: str):
     def setup():
-        import train as T
+        from model.train_step import check_finite, clip_gradients, forward_backward
 
         r = build(provider, accum, looping)
 
         def step():
-            loss = T.forward_backward(r.model_c, r.batches, r.accum, r.device)
-            norm = T.clip_gradients(r.opts.params, r.cfg.grad_clip_norm)
-            T.check_finite(loss, norm, 0, r.pd, r.log)
+            loss = forward_backward(r.model_c, r.batches, r.accum, r.device)
+            norm = clip_gradients(r.opts.params, r.cfg.grad_clip_norm)
+            check_finite(loss, norm, 0, r.pd, r.log)
             r.opts.step()
 
         return step

@@ -8,7 +8,7 @@ import sys
 import bench.suites  # noqa: F401  (registers the suites)
 from bench.env import REPO_ROOT
 from bench.registry import SUITES
-from bench.results import read_csv, read_results
+from bench.resultsfile import read_csv, read_results
 
 
 def bench_cli(*args, check_rc=0):

@@ -9,7 +9,14 @@ from bench import harness
 from bench.env import collect_env
 from bench.plot import plot_results
 from bench.registry import Case, Provider
-from bench.results import REQUIRED_RECORD_KEYS, SCHEMA, make_results, read_csv, read_results, write_results
+from bench.resultsfile import (
+    REQUIRED_RECORD_KEYS,
+    SCHEMA,
+    make_results,
+    read_csv,
+    read_results,
+    write_results,
+)
 
 
 def _never_called():

@@ -6,7 +6,9 @@ import ast
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import sentencepiece as spm
 import torch
 
 from model import data
-from model.data import ShardError
+from model.data import ShardError, fineweb, shards
 
 # ----------------------------------------------------------------------------------------------------------
 # Shards
@@ -102,7 +104,7 @@ def test_write_shard_refuses_bad_tokens(tmp_path, tokens, phrase):
 
 
 def test_write_shard_refuses_too_many_tokens(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_SHARD_TOKENS", 10)  # the real cap, 2^31 - 1, is too large to allocate
+    monkeypatch.setattr(shards, "MAX_SHARD_TOKENS", 10)  # the real cap, 2^31 - 1, is too large to allocate
     with pytest.raises(ShardError, match="exceed") as err:
         data.write_shard(tmp_path / "big.bin", np.arange(11))
     assert "big.bin" in str(err.value)
@@ -302,7 +304,7 @@ def test_corpus_text_is_deterministic_and_read_without_imports(slice_docs):
     from pydoc_data import topics
 
     assert topics.topics["if"].strip() in slice_docs
-    abc_doc = ast.get_docstring(ast.parse(Path(data.sysconfig.get_paths()["stdlib"], "abc.py").read_text()))
+    abc_doc = ast.get_docstring(ast.parse(Path(sysconfig.get_paths()["stdlib"], "abc.py").read_text()))
     assert abc_doc in slice_docs
     assert data.corpus_fingerprint(slice_docs[:-1]) != data.corpus_fingerprint(slice_docs)
     assert slice_docs[:3] != sorted(slice_docs)[:3]  # shuffled, not alphabetical
@@ -395,6 +397,16 @@ def test_full_default_corpus_builds_within_budget(tmp_path):
     t0 = time.perf_counter()
     assert data.ensure_default_corpus(8192, cache_dir=tmp_path, progress=False) == paths
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_a_run_imports_neither_the_downloader_nor_the_corpus_builder():
+    """train.py finds its data through model/data/paths.py; the tools load only when their names are used."""
+    tools = ("model.data.fineweb", "model.data.corpus", "model.data.__main__")
+    code = f"import sys, train; loaded = {tools!r}; print([m for m in loaded if m in sys.modules])"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert data.StdlibCorpus.__module__ == "model.data.corpus"  # and they still load on first use
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,7 +536,7 @@ def test_download_default_repo_and_env(tmp_path, fake_hub, monkeypatch):
             seen.append(repo_id)
             super().__init__(fake_hub)
 
-    monkeypatch.setattr(data, "HubRemote", FakeHub)
+    monkeypatch.setattr(fineweb, "HubRemote", FakeHub)
     monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
     monkeypatch.delenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", raising=False)
     data.download_fineweb(tmp_path / "a", train_shards=0, progress=False)

@@ -131,12 +131,7 @@ def test_ttt_with_zero_lr_equals_sliding(stream, byte_counter):
         m,
         stream,
         byte_counter,
-        seq_len=SEQ,
-        stride=STRIDE,
-        chunk_tokens=CHUNK,
-        lr=0.0,
-        batch_seqs=2,
-        batch_windows=4,
+        ev.TTTConfig(seq_len=SEQ, stride=STRIDE, chunk_tokens=CHUNK, lr=0.0, batch_seqs=2, batch_windows=4),
     )
     assert t["val_loss"] == s["val_loss"] and t["tokens"] == s["tokens"] == 512
     assert t["bytes"] == s["bytes"] and t["val_bpb"] == s["val_bpb"]
@@ -148,7 +143,7 @@ def test_ttt_with_zero_lr_equals_sliding(stream, byte_counter):
 
 def _ttt(model, tokens, byte_counter, **kw):
     args = dict(seq_len=SEQ, stride=STRIDE, chunk_tokens=CHUNK, lr=0.05, batch_seqs=1, batch_windows=4)
-    return ev.ttt_score_first(model, tokens, byte_counter, **{**args, **kw})
+    return ev.ttt_score_first(model, tokens, byte_counter, ev.TTTConfig(**{**args, **kw}))
 
 
 def test_ttt_is_score_first_and_never_trains_on_the_last_chunk(stream, byte_counter):
@@ -196,7 +191,7 @@ def test_ttt_hash_embedding_trained_then_removed(stream, byte_counter, tmp_path)
 def test_ttt_restores_model_on_error(stream):
     m = random_gpt(7, looping=True)
     with pytest.raises(ValueError, match="chunk_tokens"):
-        ev.ttt_score_first(m, stream, None, seq_len=SEQ, stride=STRIDE, chunk_tokens=0)
+        ev.ttt_score_first(m, stream, None, ev.TTTConfig(seq_len=SEQ, stride=STRIDE, chunk_tokens=0))
     assert m.hash_embed is None
 
 

@@ -22,12 +22,13 @@ SEQ, STRIDE, N_CHUNKS = 32, 8, 4
 
 
 def _ttt(model, tokens, chunk, batch_seqs, **ranks):
-    return ev.ttt_score_first(
-        model, tokens, None, seq_len=SEQ, stride=STRIDE, chunk_tokens=chunk, lr=0.001, epochs=2,
-        batch_seqs=batch_seqs, batch_windows=4, hash_embed=True, hash_embed_size=256, **ranks,
+    config = ev.TTTConfig(
+        seq_len=SEQ, stride=STRIDE, chunk_tokens=chunk, lr=0.001, epochs=2,
+        batch_seqs=batch_seqs, batch_windows=4, hash_embed=True, hash_embed_size=256,
         grad_clip=1e6,  # no clipping (it would hide a wrongly scaled mean), so a small lr: large unclipped
         # steps on random weights amplify fp32 rounding between summation orders
     )  # fmt: skip
+    return ev.ttt_score_first(model, tokens, None, config, **ranks)
 
 
 def _worker(rank: int, world: int, port: int, chunk: int) -> None:

@@ -1,11 +1,6 @@
-"""GPTQ + SDClip, the artifact container and the size accounting (SPEC.md §7), on the tiny GPT."""
+"""GPTQ + SDClip, the artifact container and the size cap (SPEC.md §7), on the tiny GPT."""
 
 from __future__ import annotations
-
-import base64
-import lzma
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -245,35 +240,6 @@ def test_size_report_pass_fail():
     with pytest.raises(quant.ArtifactTooLarge, match="exceeds the cap"):
         quant.size_report(20_001, quant.CAP_BYTES - 20_000, strict=True)
     assert quant.size_report(1, 2, cap=3, strict=True)["status"] == "PASS"
-
-
-def test_code_size_accounting(tmp_path):
-    info = quant.code_size()  # the repository's own shipped files
-    assert info == quant.code_size()  # deterministic
-    assert "model/quant.py" in info["files"] and "kernels/mlp.py" in info["files"]
-    assert info["lzma_bytes"] < info["minified_bytes"] < info["raw_bytes"]
-    assert info["code_bytes"] < info["raw_bytes"]
-    n = info["lzma_bytes"]  # base85 without padding: 5 chars per 4 bytes, k+1 for a k-byte tail
-    assert info["code_bytes"] == info["stub_bytes"] + n // 4 * 5 + (n % 4 + 1 if n % 4 else 0)
-
-    # The loader stub really reproduces the (minified) sources and runs train.py.
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "util.py").write_text('"""Doc."""\n# comment\nVALUE = 41  # why\n')
-    (tmp_path / "train.py").write_text(
-        '"""Doc."""\nfrom model.util import VALUE\nopen("marker.txt", "w").write(str(VALUE + 1))\n'
-    )
-    script, info = quant.build_code_bundle(tmp_path)
-    assert info["files"] == ["model/util.py", "train.py"]
-    assert info["minified_bytes"] < info["raw_bytes"]
-    payload = script.split("'")[1]
-    bundle = lzma.decompress(base64.b85decode(payload)).decode()
-    assert "VALUE = 41" in bundle and "comment" not in bundle and "Doc." not in bundle
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "submission.py").write_text(script)
-    subprocess.run([sys.executable, "submission.py"], cwd=out, check=True, timeout=60)
-    assert (out / "marker.txt").read_text() == "42"
-    assert len(script.encode()) == info["code_bytes"]
 
 
 def test_clip_sigmas_trade_artifact_size_for_error():

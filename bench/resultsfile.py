@@ -1,5 +1,6 @@
-"""The results file of one `python -m bench run`: JSON (the source of truth), a CSV derived from it,
-and the table printed at the end of a run.
+"""The results-file format of one `python -m bench run`: JSON (the source of truth), a CSV derived from
+it, and the table printed at the end of a run. (Runs are written under runs/bench/; the published ones
+are kept in bench/results/.)
 
     {"schema": "golfbench.results/1",
      "env": {python, torch, triton, git, gpu, datasheet, ceilings, dry_run, quick, timestamp, ...},
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
+
+from model.atomic import atomic_write
 
 SCHEMA = "golfbench.results/1"
 
@@ -95,12 +97,6 @@ def make_results(env: dict, records: list[dict]) -> dict:
     return validate({"schema": SCHEMA, "env": env, "records": records})
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def csv_rows(results: dict) -> tuple[list[str], list[dict]]:
     """Column names and rows of the CSV view of `results`."""
     gpu = (results["env"].get("gpu") or {}).get("name", "none")
@@ -123,10 +119,10 @@ def write_results(results: dict, out_dir: Path, stem: str = "results") -> tuple[
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
     csv_path = out_dir / f"{stem}.csv"
-    _atomic_write(json_path, json.dumps(results, indent=1, sort_keys=False) + "\n")
+    with atomic_write(json_path, "w") as fh:
+        fh.write(json.dumps(results, indent=1, sort_keys=False) + "\n")
     columns, rows = csv_rows(results)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_write(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -134,7 +130,6 @@ def write_results(results: dict, out_dir: Path, stem: str = "results") -> tuple[
             writer.writerow(
                 {k: "" if v is None else (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
             )
-    os.replace(tmp, csv_path)
     return json_path, csv_path
 
 

@@ -1,0 +1,60 @@
+"""Files are written under a temporary name beside their final one and renamed into place, so a reader
+never sees half a file (shards, the artifact, checkpoints, reports, bench results).
+
+The one writer of the repository lives here, in model/, the lowest layer that writes files: model/data,
+model/quant, model/checkpoint, model/report and bench all import it (kernels/ and optim/ write nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _tmp_path(path: Path) -> Path:
+    # Same directory (so the rename is atomic), hidden, unique per process and call; mkstemp makes it
+    # 0600, give it the permissions a plain open() would.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~umask())
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """A temporary path beside ``path``, renamed onto it if the block succeeds and removed if not."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", newline: str | None = None):
+    """Open a temporary file beside ``path``; it is synced and renamed onto ``path`` only if the block
+    succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode, newline=newline) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Indented JSON (values JSON cannot hold written as strings), atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
