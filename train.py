@@ -53,6 +53,7 @@ from model import checkpoint
 from model.atomic import write_json
 from model.data import RankBatches, RunData, ShuffledSequenceLoader, load_run_data
 from model.evaluate import eval_non_overlapping, eval_sliding_window, ttt_score_first
+from model.preflight import confirm_on_path, run_preflight
 from model.report import (
     Logger,
     StepMeter,
@@ -419,7 +420,9 @@ def run(args, cli: dict, cli_model: dict, pd: Dist) -> int:
         close_evaluation(report, t_start)
         return finish()
 
-    # Model and optimizers
+    # Model and optimizers, on kernels proven here first (a failing one runs as its reference)
+    cfg, report["kernels"] = run_preflight(cfg, pd.device, pd.any, log)
+    mcfg = model_config(cfg, pd.device)
     trainer = Trainer(cfg, pd, run_id, run_dir, log, data)
     report.update(world_size=pd.world, grad_accum_steps=trainer.accum, micro_batch_seqs=trainer.micro_seqs)
     report["n_params"] = n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -447,6 +450,8 @@ def run(args, cli: dict, cli_model: dict, pd: Dist) -> int:
             log(f"resumed from {resume}: step {start_step}, {elapsed:.1f} s of training")
         # Priming (untimed), then the loop
         report["priming_seconds"] = trainer.prime()
+        if report["kernels"]["mode"] != "off":
+            confirm_on_path(report["kernels"], mcfg, cfg, pd.device, log)
         if resume:
             trainer.batches.load_state_dict(payload["loaders"])
             del payload

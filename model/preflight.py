@@ -243,3 +243,63 @@ def kernels_on_path(expected: list[str]) -> dict[str, bool]:
     kernels._runtime.launches counts launches at run time, also from inside compiled graphs."""
     names = {"mlp": ("mlp_fwd", "mlp_bwd"), "ce": ("ce_fwd", "ce_bwd")}
     return {k: all(_runtime.launches[n] > 0 for n in names[k]) for k in expected if k in names}
+
+
+def run_preflight(cfg, device: torch.device, any_rank: Callable[[bool], bool], log) -> tuple:
+    """The check before priming, as train.py runs it. Returns (cfg, record): `cfg` with every kernel whose
+    check failed on any rank switched to its reference (the MLP and CE kernels to "torch", Muon to its
+    eager step); in strict mode such a failure refuses the run instead. `record` goes into the report."""
+    import dataclasses
+
+    if cfg.preflight == "off":
+        log("preflight: OFF (--preflight off): the kernels were not proven on this machine")
+        return cfg, {"mode": "off", "replaced": []}
+    result = check_kernels(device)
+    for line in format_table(result).splitlines():
+        log(f"preflight: {line}")
+    bad = [guard for guard in ("mlp", "ce", "muon") if any_rank(guard in failed(result))]
+    if bad and cfg.preflight == "strict":
+        raise SystemExit(
+            f"preflight (strict): kernel check failed for {', '.join(bad)} on this machine (table above); "
+            "fix the kernel, or run with --preflight on to train on the references instead"
+        )
+    overrides = dict(cfg.model_overrides)
+    for guard in bad:
+        if guard == "muon":
+            cfg = dataclasses.replace(cfg, muon_graphs=False)
+        else:
+            overrides[f"{guard}_impl"] = "torch"
+        log(f"preflight: WARNING: {guard} failed its check and is NOT used; its reference takes its place")
+    return dataclasses.replace(cfg, model_overrides=overrides), {
+        **result,
+        "mode": cfg.preflight,
+        "replaced": bad,
+    }
+
+
+def confirm_on_path(record: dict, mcfg, cfg, device: torch.device, log) -> dict:
+    """After priming: the kernels the run kept must have been launched (a silent fallback is caught).
+    Adds {"used": {...}, "on_path": bool} to `record`; strict mode refuses a run whose kernels are missing."""
+    import kernels.attention
+
+    blocked = _runtime.platform_blocker(device.type, device.index or 0)
+    expected = [
+        k for k, impl in (("mlp", mcfg.mlp_impl), ("ce", mcfg.ce_impl)) if impl != "torch" and not blocked
+    ]
+    ran = kernels_on_path(expected)
+    graphed = cfg.muon_impl == "banked" and cfg.muon_graphs and device.type == "cuda"
+    record["used"] = {
+        "mlp": ran.get("mlp", False),
+        "ce": ran.get("ce", False),
+        "muon": f"{cfg.muon_impl}, {'CUDA-graphed' if graphed else 'eager'}",
+        "attention": [s["choice"] for s in kernels.attention.selections()] or [mcfg.attn_impl],
+    }
+    missing = [k for k, ok in ran.items() if not ok]
+    record["on_path"] = not missing
+    if missing:
+        msg = f"kernels {missing} were selected but never launched during priming: a silent fallback"
+        if cfg.preflight == "strict":
+            raise SystemExit(f"preflight (strict): {msg}")
+        log(f"preflight: WARNING: {msg}")
+    log("kernels used: " + " | ".join(f"{k} {v}" for k, v in record["used"].items()))
+    return record

@@ -205,6 +205,17 @@ def compliance(report: dict, val_tokens: int) -> dict:
             "what": "model.evaluate.ttt_score_first scores each chunk under no_grad before adapting on it; "
             "every validation token scored exactly once",
         }
+    kern = report.get("kernels")
+    if kern is None or kern.get("mode") == "off":
+        block["kernels_used"] = {"status": "N/A", "what": "kernel preflight off: the kernels were not proven"}
+    else:
+        block["kernels_used"] = {
+            "status": "PASS" if kern.get("on_path", True) else "FAIL",
+            "used": kern.get("used"),
+            "replaced": kern.get("replaced"),
+            "what": "kernels proven against their references before priming and seen launched after it "
+            "(model/preflight.py); a replaced kernel ran as its reference",
+        }
     statuses = [v["status"] for v in block.values()]
     block["all_pass"] = all(s in ("PASS", "N/A") for s in statuses)
     return block

@@ -31,6 +31,10 @@ class Config:
     kernels: str = "auto"  # fused MLP / softcapped CE / attention: auto | triton | torch (reference)
     muon_impl: str = "banked"  # banked (ours) | per_matrix (one Muon per 2-D matrix: the reference)
     compile: str = "auto"  # torch.compile the model: auto (on CUDA) | on | off
+    muon_graphs: bool = True  # banked Muon's compiled, CUDA-graphed step (False: its eager step)
+    # Prove the kernels before priming (model/preflight.py): on (a failing kernel is replaced by its
+    # reference) | strict (a failing kernel refuses the run) | off (not checked; the report says so)
+    preflight: str = "on"
     # optimisers (SPEC §5.1-5.2)
     matrix_lr: float = 0.022
     scalar_lr: float = 0.02
@@ -123,6 +127,7 @@ CHOICES = {
     "kernels": ("auto", "triton", "torch"),
     "muon_impl": ("banked", "per_matrix"),
     "compile": ("auto", "on", "off"),
+    "preflight": ("on", "strict", "off"),
 }
 
 

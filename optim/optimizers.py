@@ -65,7 +65,8 @@ class Optimizers:
         if cfg.muon_impl == "per_matrix":
             self.muon = PerMatrixMuon(groups["matrix"], **muon_kw)
         else:
-            self.muon = Muon(groups["matrix"], cuda_graph=device.type == "cuda", **muon_kw)
+            graphs = device.type == "cuda" and cfg.muon_graphs
+            self.muon = Muon(groups["matrix"], cuda_graph=graphs, **muon_kw)
         adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device.type == "cuda")
         self.embed = torch.optim.AdamW(
             groups["embed"], lr=cfg.tied_embed_lr, weight_decay=cfg.embed_wd, **adam

@@ -192,6 +192,28 @@ def test_nonfinite_guard_stops_before_the_step_naming_step_and_rank(tmp_path):
     assert max(_steps(run_dir)) == 2  # step 3 was never taken
 
 
+def test_preflight_replaces_a_planted_wrong_kernel_or_refuses_in_strict_mode(tmp_path):
+    """Kernels pass, then train: under the interpreter the MLP kernel is checked before priming; planted
+    wrong, the run trains on its reference and the report says so; --preflight strict refuses to start."""
+    env = _clean_env(ITERATIONS=3, WARMUP_STEPS=1, TRITON_INTERPRET=1, GOLFBENCH_FAULT_KERNEL="mlp")
+    _run(["--train-only"], tmp_path, "planted", env=env)
+    kern = _report(tmp_path / "planted")["kernels"]
+    assert kern["mode"] == "on" and kern["replaced"] == ["mlp"]
+    rows = {r["kernel"]: r["status"] for r in kern["kernels"]}
+    assert rows["mlp_fwd"] == "fail" and rows["ce_fwd"] == "pass"
+    log = (tmp_path / "planted" / "train.log").read_text()
+    assert "mlp failed its check and is NOT used" in log
+    assert _report(tmp_path / "planted")["compliance"]["kernels_used"]["replaced"] == ["mlp"]
+
+    strict = _run(["--train-only", "--preflight", "strict"], tmp_path, "strict", env=env, check=False)
+    assert strict.returncode != 0 and "preflight (strict): kernel check failed for mlp" in strict.stderr
+    assert not (tmp_path / "strict" / "metrics.jsonl").exists()  # refused before any step
+
+    _run(["--train-only", "--preflight", "off"], tmp_path, "off", env=_clean_env(ITERATIONS=2))
+    rep = _report(tmp_path / "off")
+    assert rep["kernels"]["mode"] == "off" and rep["compliance"]["kernels_used"]["status"] == "N/A"
+
+
 def test_two_gloo_processes_equal_one_process_with_accumulation_2(tmp_path):
     # Clipping is per rank on the local gradient (SPEC 5.6), which differs from clipping the averaged
     # gradient of one process; an unreachable threshold keeps the clip code path but not its effect.
