@@ -4,6 +4,10 @@ and the table printed at the end of a run.
     {"schema": "golfbench.results/1",
      "env": {python, torch, triton, git, gpu, datasheet, ceilings, dry_run, quick, timestamp, ...},
      "records": [{suite, case, provider, status, median_ms, p20_ms, p80_ms, tflops, gbps, speedup, ...}]}
+
+Optional fields (absent in files written before they existed): env.suite_versions {suite: version},
+env.wall_s; per record n_samples (calls timed), samples_ms (up to bench.harness.MAX_SAMPLES of the raw
+per-call times, in time order, for bench/compare.py) and wall_s (seconds spent on the record).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ CSV_COLUMNS = (
     "median_ms",
     "p20_ms",
     "p80_ms",
+    "n_samples",
     "tflops",
     "gbps",
     "pct_matmul_ceiling",
@@ -62,6 +67,7 @@ CSV_COLUMNS = (
     "tokens_per_s",
     "speedup",
     "peak_mem_bytes",
+    "wall_s",
     "flops",
     "bytes",
     "gpu",
@@ -88,6 +94,11 @@ def validate(results: dict, source: str = "results") -> dict:
             raise ValueError(f"{source}: record {i} has status {rec['status']!r}, expected one of {STATUSES}")
         if rec["status"] == "ok" and rec["median_ms"] is None:
             raise ValueError(f"{source}: record {i} is 'ok' but has no median_ms")
+        samples = rec.get("samples_ms")
+        if samples is not None and not (
+            isinstance(samples, list) and all(isinstance(v, (int, float)) and v > 0 for v in samples)
+        ):
+            raise ValueError(f"{source}: record {i} has samples_ms that are not a list of positive times")
     return results
 
 
