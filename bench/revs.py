@@ -203,6 +203,7 @@ def run_revs(
             run_dir = (out / s / f"round-{k}").resolve()
             cmd = run_command(suites, run_dir, quick=quick, dry_run=dry_run, providers=providers)
             say(f"=== run {i}/{len(plan)}: {s} ({names[s]} {shas[s][:10]}) round {k}: {' '.join(cmd[1:])}")
+            sys.stdout.flush()  # our lines before the child's, which it writes to the same stdout
             rc = subprocess.run(cmd, cwd=trees[s], env=child_env(shas[s], repo)).returncode
             path = run_dir / "results.json"
             if not path.exists():
