@@ -109,6 +109,7 @@ def cmd_run(args) -> int:
             **vars(timing),
         },
         command=" ".join(["python -m bench", *sys.argv[1:]]),
+        compile_cache=harness.compile_cache_state(),
     )
     if args.dry_run:
         print("bench run --dry-run: FAKE TIMINGS; providers are not set up and nothing is measured")
@@ -159,7 +160,7 @@ def cmd_run(args) -> int:
     print(
         f"\nwall time: {env['wall_s']['run']:.1f} s after start-up (ceilings {ceilings_s:.1f} s; "
         + ", ".join(f"{k} {v:.1f} s" for k, v in per_suite.items())
-        + ")"
+        + f"; compile cache {'warm' if env['compile_cache'].get('files_at_start') else 'cold'} at the start)"
     )
     return 1 if errors else 0
 

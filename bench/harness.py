@@ -110,6 +110,32 @@ def bench_ms(fn: Callable[[], object], *, cuda_graph: bool = False, timing: Timi
     return summarize(samples)
 
 
+def compile_cache_state() -> dict:
+    """torch.compile's persistent caches: where they are, whether they are on, and how many files they
+    hold before this run (0: a cold start that compiles everything; the quick budget assumes ~cold).
+
+    Inductor's FX graph cache, AOTAutograd's cache and Triton's kernel cache are on by default in the
+    torch versions we use and survive the process, so a second run on one machine (and the rounds of
+    `bench compare --revs`) skips most compilation; within a run, a graph compiled for one case is
+    reused by any other that traces to the same graph. Compilation is never part of a timing."""
+    import os
+
+    try:
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except Exception as exc:  # another torch: report, never fail a run over it
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    root = cache_dir()
+    files = sum(len(f) for _, _, f in os.walk(root)) if os.path.isdir(root) else 0
+    return {
+        "inductor_dir": root,
+        "fx_graph_cache": bool(inductor_config.fx_graph_cache),
+        "autograd_cache": bool(getattr(functorch_config, "enable_autograd_cache", False)),
+        "files_at_start": files,
+    }
+
+
 def free_cuda_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():

@@ -262,15 +262,15 @@ def _throwaway_repo(root):
     git("init", "-q")
     git("add", "-A")
     git("commit", "-qm", "one")
-    with (root / "bench" / "suites" / "gemm.py").open("a") as fh:
-        fh.write("# a trivial change\n")
+    gemm = root / "bench" / "suites" / "gemm.py"  # a trivial change that shows in the records' notes
+    gemm.write_text(gemm.read_text().replace('notes=f"A', 'notes=f"(two) A'))
     git("commit", "-qam", "two")
     return git
 
 
 def test_revs_runs_both_revisions_in_worktrees(tmp_path):
     repo = tmp_path / "repo"
-    git = _throwaway_repo(repo)
+    _throwaway_repo(repo)
     sha = lambda rev: subprocess.run(
         ["git", "rev-parse", rev], cwd=repo, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -281,8 +281,10 @@ def test_revs_runs_both_revisions_in_worktrees(tmp_path):
     comp = json.loads((out / "comparison.json").read_text())
     assert comp["base"]["sha"] == sha("HEAD~1") and comp["head"]["sha"] == sha("HEAD")
     assert comp["summary"]["within noise"] == 4 and comp["base"]["rounds"] == 1
-    for side, rev in (("A", "HEAD~1"), ("B", "HEAD")):  # each run knew its commit (GOLFBENCH_GIT_SHA)
-        assert read_results(out / side / "round-1" / "results.json")["env"]["git"]["sha"] == sha(rev)
+    for side, rev in (("A", "HEAD~1"), ("B", "HEAD")):  # each ran its commit's code, and knew its sha
+        run = read_results(out / side / "round-1" / "results.json")
+        assert run["env"]["git"]["sha"] == sha(rev)
+        assert {r["notes"].startswith("(two)") for r in run["records"]} == {side == "B"}
     assert f"A = HEAD~1 = {sha('HEAD~1')}" in text and "run 2/2: B" in text
     # the worktrees are gone, and the repository is as it was
     listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
@@ -290,7 +292,6 @@ def test_revs_runs_both_revisions_in_worktrees(tmp_path):
     assert not subprocess.run(
         ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True
     ).stdout
-    del git
 
 
 def test_revs_refuses_unknown_revision_and_no_gpu(tmp_path):
