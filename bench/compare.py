@@ -181,8 +181,8 @@ def check_compatible(base: dict, head: dict) -> tuple[list[str], list[str]]:
     vb, vh = eb.get("suite_versions"), eh.get("suite_versions")
     suites = {r["suite"] for r in base["records"]} & {r["suite"] for r in head["records"]}
     if vb is None or vh is None:
-        older = "base" if vb is None else "head"
-        notes.append(f"the {older} has no suite versions (written before they existed): not checked")
+        older = " and ".join(n for n, v in (("base", vb), ("head", vh)) if v is None)
+        notes.append(f"no suite versions in the {older} (written before they existed): not checked")
     else:
         for s in sorted(suites):
             if s in vb and s in vh and vb[s] != vh[s]:

@@ -182,6 +182,13 @@ def run_revs(
         say(f"{s} = {names[s]} = {shas[s]}")
     if shas["A"] == shas["B"]:
         say("both revisions are the same commit: the comparison measures noise")
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    if dirty:
+        say(f"note: {repo} has uncommitted changes: they are in neither revision (commit to measure them)")
     tmp = Path(tempfile.mkdtemp(prefix="golfbench-revs-"))
     trees: dict[str, Path] = {}
     previous = signal.getsignal(signal.SIGTERM)
@@ -229,6 +236,9 @@ def run_revs(
     except (RuntimeError, ValueError) as exc:
         say(f"bench compare --revs: {exc}")
         return 2
+    except KeyboardInterrupt:
+        say("bench compare --revs: interrupted; removing the worktrees")
+        return 130
     finally:
         for path in trees.values():
             _remove_worktree(repo, path)

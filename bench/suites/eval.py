@@ -10,8 +10,7 @@ seed's 633,409 windows in 92-123 s on 8 GPUs (41-55 K scored tokens/s per GPU) c
 flops = windows x forward FLOPs of one 2048-token window (matmuls + causal attention).
 
 --quick: stride 64 only over 8,192 scored tokens (128 windows, 4 forwards of 32), with the 3-layer record
-model of the model suite's --quick (QUICK_MODEL there; compiling the 11-layer model would overrun a
-quick run's budget).
+model of the model suite's --quick (QUICK_MODEL there; compiling the 11-layer model takes a minute).
 """
 
 from __future__ import annotations

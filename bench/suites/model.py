@@ -12,13 +12,13 @@ so TFLOP/s and % of the matmul ceiling read as MFU. bytes = 0: a training step i
 figure. Peak memory is what the step allocates beyond the resident weights.
 
 --quick: the looped mode only, of a 3-layer model with everything else of the record (QUICK_MODEL:
-width 512, 8/4 heads, MLP 2048, vocabulary 8192, the 48 x 2048 micro-batch; layer 1 looped three
-times, so the virtual order is [0, 1, 1, 1, 2] with skips, XSA and the two lanes from layer 2).
-Every kernel runs at the record's shapes, only fewer times: compiling the 11-layer model takes
-~30-60 s per provider and loop mode on an H100/H200, which alone would overrun a quick run's budget,
-and compile time grows with the number of (virtual) layers. Per-layer ratios carry over; the LM head
-and loss weigh more in the step (18% of its FLOPs instead of 6%), so the ratio of the whole step leans
-towards the loss kernels.
+width 512, 8/4 heads, MLP 2048, vocabulary 8192, the 48 x 2048 micro-batch; layer 1 runs twice, so
+the virtual order is [0, 1 | 1, 2]: a skip per decoder block, XSA everywhere, a one-lane decoder
+block and a two-lane one). Every kernel runs at the record's shapes, only fewer times. Compilation
+is the cost: on the H100 the 11-layer model took 64 s (flat) and 90 s (looped, 17 virtual layers)
+per provider, about 17 s plus 4.3 s per virtual layer, so 4 virtual layers take ~35 s cold and a few
+seconds with a warm compile cache. Per-layer ratios carry over; the LM head and loss weigh more in
+the step (21% of its FLOPs instead of 6%), so the ratio of the whole step leans towards the loss.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ QUICK_MODEL = {
     "num_layers": 3,
     "loop_start": 1,
     "loop_end": 1,
-    "num_loops": 2,
+    "num_loops": 1,
     "parallel_start_layer": 2,
     "xsa_last_n": 3,
 }

@@ -14,9 +14,9 @@ params["tokens"] = tokens per call, so tokens/s = tokens / time. flops = GPT.flo
 tokens (matmuls + causal attention, fwd+bwd = 3x fwd), so TFLOP/s over the matmul ceiling reads as MFU.
 
 --quick: accum 1, looped, of the 3-layer record model of the model suite's --quick (QUICK_MODEL there:
-every kernel at the record's shapes, fewer layers, because compiling 11 layers per provider would
-overrun a quick run's budget); Muon then has 3-layer banks, so the optimizer's share of the step is
-smaller than at the record.
+every kernel at the record's shapes, fewer layers, because compiling 11 layers per provider takes a
+minute or more); Muon then has 3-layer banks, so the optimizer's share of the step is smaller than at
+the record.
 """
 
 from __future__ import annotations

@@ -202,3 +202,35 @@ def test_progress_bar_counts_every_run_and_log_lines_still_print():
         timing=harness.Timing.for_mode(True), log=lines.append, progress=False,
     )  # fmt: skip
     assert len(lines) == 4
+
+
+def test_bench_ms_asks_triton_for_every_sample(monkeypatch):
+    import triton.testing
+
+    # the installed Triton hands back the raw list for return_mode="all" only without quantiles
+    assert triton.testing._summarize_statistics([3.0, 1.0, 2.0], None, "all") == [3.0, 1.0, 2.0]
+    seen = {}
+
+    def fake_cudagraph(fn, rep=20, grad_to_none=None, quantiles=None, return_mode="mean"):
+        seen.update(rep=rep, quantiles=quantiles, return_mode=return_mode)
+        return triton.testing._summarize_statistics([0.5, 0.4, 0.6, 0.45, 0.55], quantiles, return_mode)
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_cudagraph)
+    out = harness.bench_ms(lambda: None, cuda_graph=True, timing=harness.Timing(rep_ms=77))
+    assert seen == {"rep": 77, "quantiles": None, "return_mode": "all"}
+    assert (
+        out["n_samples"] == 5 and out["median_ms"] == 0.5 and out["samples_ms"] == [0.5, 0.4, 0.6, 0.45, 0.55]
+    )
+
+
+@pytest.mark.gpu
+def test_bench_ms_on_the_gpu_keeps_raw_samples():
+    import torch
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for graph in (False, True):
+        out = harness.bench_ms(lambda: a @ a, cuda_graph=graph, timing=harness.Timing(10, 50, 5))
+        s = out["samples_ms"]
+        assert out["n_samples"] >= len(s) >= (10 if graph else 5) and len(s) <= harness.MAX_SAMPLES
+        assert min(s) <= out["p20_ms"] <= out["median_ms"] <= out["p80_ms"] <= max(s)
+        assert 0.05 < out["median_ms"] < 5.0  # a 4096^3 bf16 matmul: ~0.2 ms on an H100/H200
