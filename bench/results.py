@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 SCHEMA = "golfbench.results/1"
@@ -106,6 +107,16 @@ def make_results(env: dict, records: list[dict]) -> dict:
     return validate({"schema": SCHEMA, "env": env, "records": records})
 
 
+# A list of numbers (no strings, lists or objects in it), as json.dumps(indent=...) spreads it out
+_NUMBER_LIST = re.compile(r"\[\n\s*([-+0-9.eE]+(?:,\n\s*[-+0-9.eE]+)*)\n\s*\]")
+
+
+def dumps(results: dict) -> str:
+    """The JSON text of a results object: indented, with lists of numbers (samples_ms) on one line."""
+    text = json.dumps(results, indent=1, sort_keys=False)
+    return _NUMBER_LIST.sub(lambda m: "[" + ",".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -134,7 +145,7 @@ def write_results(results: dict, out_dir: Path, stem: str = "results") -> tuple[
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
     csv_path = out_dir / f"{stem}.csv"
-    _atomic_write(json_path, json.dumps(results, indent=1, sort_keys=False) + "\n")
+    _atomic_write(json_path, dumps(results) + "\n")
     columns, rows = csv_rows(results)
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     with tmp.open("w", newline="") as fh:
