@@ -1,9 +1,11 @@
-"""python -m bench env | run | plot | gate | profile | check
+"""python -m bench env | run | plot | gate | compare | profile | check
 
 python -m bench env [--measure-ceilings] [--json]      what this machine is (and its ceilings)
 python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> runs/bench/<time>-<sha>/ JSON + CSV
 python -m bench plot RESULTS.json ... [--out DIR]      PNGs per suite and metric
 python -m bench gate [--update] [--threshold PCT]      pytest-benchmark regression gate (GPU)
+python -m bench compare BASE.json HEAD.json            A/B verdicts: faster / slower / within noise
+python -m bench compare --revs REV_A REV_B [SUITE ...] the same for two revisions, run alternately here
 python -m bench profile [--accum N] [--looping MODE]   where one train.py step goes (torch.profiler)
 python -m bench check [--json FILE]                    prove our kernels on this GPU before training
 """
@@ -14,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -82,6 +85,7 @@ def _explain_no_gpu(names: list[str], quick: bool, reason: str) -> None:
 
 
 def cmd_run(args) -> int:
+    start = time.perf_counter()
     names = _load_suites(args.suites)
     if names is None:
         return 2
@@ -96,23 +100,46 @@ def cmd_run(args) -> int:
         dry_run=args.dry_run,
         quick=args.quick,
         suites=names,
+        suite_versions={n: SUITES[n].version for n in names},
         providers=sorted(providers) if providers else None,
         timestamp=now.isoformat(timespec="seconds"),
-        timing={"method": "triton.testing.do_bench", "quantiles": harness.QUANTILES, **vars(timing)},
+        timing={
+            "method": "triton.testing.do_bench(return_mode='all')",
+            "quantiles": harness.QUANTILES,
+            "max_samples": harness.MAX_SAMPLES,
+            **vars(timing),
+        },
         command=" ".join(["python -m bench", *sys.argv[1:]]),
+        compile_cache=harness.compile_cache_state(),
     )
     if args.dry_run:
         print("bench run --dry-run: FAKE TIMINGS; providers are not set up and nothing is measured")
     else:
         print("measuring the ceilings (8192^3 bf16 matmul, 2 GiB device copy) ...", flush=True)
-    env["ceilings"] = harness.measure_ceilings(fake=args.dry_run)
+    t0 = time.perf_counter()
+    ceiling_timing = harness.QUICK_CEILING_TIMING if args.quick else harness.CEILING_TIMING
+    env["ceilings"] = harness.measure_ceilings(fake=args.dry_run, timing=ceiling_timing)
+    ceilings_s = time.perf_counter() - t0
     c = env["ceilings"]
     fake = " (FAKE)" if c["fake"] else ""
     print(f"ceilings: {c['matmul_tflops']:.1f} TFLOP/s, {c['copy_gbps']:.1f} GB/s{fake}")
     log = lambda msg: print(msg, flush=True)
     records = harness.run_suites(
-        names, quick=args.quick, dry_run=args.dry_run, providers=providers, ceilings=c, timing=timing, log=log
+        names,
+        quick=args.quick,
+        dry_run=args.dry_run,
+        providers=providers,
+        ceilings=c,
+        timing=timing,
+        log=log,
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
+    per_suite = harness.wall_by_suite(records)
+    env["wall_s"] = {
+        "run": round(time.perf_counter() - start, 1),
+        "ceilings": round(ceilings_s, 1),
+        "suites": per_suite,
+    }
     if providers:
         known = {r["provider"] for r in records}
         for p in sorted(providers - known):
@@ -131,6 +158,11 @@ def cmd_run(args) -> int:
         print(f"ERROR {r['suite']}/{r['case']}/{r['provider']}: {r['reason']}")
     print()
     print(format_table(results))
+    print(
+        f"\nwall time: {env['wall_s']['run']:.1f} s after start-up (ceilings {ceilings_s:.1f} s; "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in per_suite.items())
+        + f"; compile cache {'warm' if env['compile_cache'].get('files_at_start') else 'cold'} at the start)"
+    )
     return 1 if errors else 0
 
 
@@ -152,10 +184,51 @@ def cmd_plot(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    from bench.gate import run_gate
+    from bench.gate import derive_threshold, run_gate
 
     kwargs = {"baselines": args.baselines} if args.baselines else {}
+    if args.derive_threshold:
+        return derive_threshold(*args.derive_threshold, force=args.force, **kwargs)
     return run_gate(update=args.update, threshold=args.threshold, **kwargs)
+
+
+def cmd_compare(args) -> int:
+    if args.revs:
+        from bench.revs import run_revs
+
+        names = _load_suites(args.args)
+        if names is None:
+            return 2
+        return run_revs(
+            *args.revs,
+            args.args,  # as given: an empty list runs every suite each revision has
+            rounds=args.rounds,
+            quick=args.quick,
+            dry_run=args.dry_run,
+            providers=args.providers,
+            out=args.out,
+            threshold_pct=args.threshold,
+            confidence=args.confidence,
+            force=args.force,
+            baselines=args.baselines,
+        )
+    from bench.compare import run_compare
+
+    if len(args.args) != 2 or args.rounds != 2 or args.quick or args.dry_run or args.providers:
+        print(
+            "bench compare: give two results files (BASE.json HEAD.json), or --revs REV_A REV_B [SUITE ...]; "
+            "--rounds, --quick, --dry-run and --providers go with --revs",
+            file=sys.stderr,
+        )
+        return 2
+    return run_compare(
+        *args.args,
+        threshold_pct=args.threshold,
+        out=args.out,
+        force=args.force,
+        confidence=args.confidence,
+        baselines=args.baselines,
+    )
 
 
 def cmd_profile(args) -> int:
@@ -200,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--providers", help="comma-separated providers to time (each case's baseline is always timed)"
     )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is no TTY)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plot", help="PNG plots from results JSON files")
@@ -212,11 +288,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold",
         type=int,
-        default=DEFAULT_THRESHOLD_PCT,
-        help=f"fail when a median is more than this many percent slower (default {DEFAULT_THRESHOLD_PCT})",
+        help="fail when a median is more than this many percent slower (default: this GPU's "
+        f"<baselines>/<gpu>/threshold.json, else {DEFAULT_THRESHOLD_PCT})",
     )
     p.add_argument("--baselines", help=f"baseline folder (default {BASELINES_DIR})")
+    p.add_argument(
+        "--derive-threshold",
+        nargs=2,
+        metavar=("RUN1.json", "RUN2.json"),
+        help="write this GPU's noise threshold from two `bench run` results of one revision",
+    )
+    p.add_argument("--force", action="store_true", help="with --derive-threshold: accept mismatched runs")
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser(
+        "compare",
+        help="A/B verdicts (faster / slower / within noise) for two results files or two revisions",
+        description="Compare BASE.json with HEAD.json, or run two revisions alternately on this machine "
+        "(--revs) and compare them. Exit 1 when a record is slower beyond the noise threshold, "
+        "2 when the runs cannot be compared. Method: bench/compare.py.",
+    )
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="FILE_OR_SUITE",
+        help="BASE.json HEAD.json; with --revs: the suites to run (default: all)",
+    )
+    p.add_argument(
+        "--revs", nargs=2, metavar=("REV_A", "REV_B"), help="two git revisions: A = base, B = head"
+    )
+    p.add_argument("--rounds", type=int, default=2, help="with --revs: runs per revision, alternating (2)")
+    p.add_argument("--quick", action="store_true", help="with --revs: bench run --quick")
+    p.add_argument("--dry-run", action="store_true", help="with --revs: bench run --dry-run (fake timings)")
+    p.add_argument("--providers", help="with --revs: bench run --providers")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="noise threshold in percent for every suite (default: per suite from "
+        f"<baselines>/<gpu>/threshold.json, else {DEFAULT_THRESHOLD_PCT})",
+    )
+    p.add_argument("--confidence", type=float, default=0.95, help="bootstrap interval level (0.95)")
+    p.add_argument("--baselines", help=f"where the threshold files are (default {BASELINES_DIR})")
+    p.add_argument("--out", help="output folder (default results/compare-<UTC time>-<shas>/)")
+    p.add_argument("--force", action="store_true", help="compare even across GPU models, suite versions ...")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("profile", help="profile one train.py step: GPU time by family, ours vs reference")
     p.add_argument("--accum", type=int, default=8, help="micro-batches of 48 x 2048 per step (default 8)")

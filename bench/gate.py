@@ -3,9 +3,13 @@
     python -m bench gate --update     # time tests/perf and store the result as this GPU's new baseline
     python -m bench gate              # time again; fail when a median is > threshold % slower
 
+    python -m bench gate --derive-threshold RUN1.json RUN2.json   # this GPU's noise threshold
+
 Baselines live in bench/baselines/<gpu-slug>/<pytest-benchmark machine id>/NNNN_baseline.json.
 The folder is keyed by GPU model and the stored machine_info carries the GPU name (added by
 tests/perf/conftest.py), and the gate refuses to compare timings from a different GPU model.
+The threshold is the GPU's own, bench/baselines/<gpu-slug>/threshold.json (bench/noise.py: derived
+from two `bench run` of one revision on that GPU), else DEFAULT_THRESHOLD_PCT; --threshold overrides.
 Timings use `cuda_timer`, which synchronises the device, so a round measures finished GPU work.
 """
 
@@ -20,15 +24,14 @@ from pathlib import Path
 
 import torch
 
+from bench import noise
 from bench.env import REPO_ROOT, gpu_slug
 
 # Allowed slowdown of a test's median against the baseline before the gate fails, in percent
-# (pytest-benchmark takes whole percents). Set from the noise floor measured on the H100 on
-# 2026-11-24: two `bench run gemm copy` of one commit differed by up to 9.4% in a median (bf16
-# GEMMs are bimodal there; copies >= 64 MiB agree within 1%), so 15% leaves a margin above it.
-DEFAULT_THRESHOLD_PCT = 15
+# (pytest-benchmark takes whole percents), where this GPU has no threshold file: see bench/noise.py.
+DEFAULT_THRESHOLD_PCT = noise.DEFAULT_THRESHOLD_PCT
 
-BASELINES_DIR = REPO_ROOT / "bench" / "baselines"
+BASELINES_DIR = noise.BASELINES_DIR
 PERF_TESTS = REPO_ROOT / "tests" / "perf"
 BASELINE_NAME = "baseline"
 # The GPU name the gate keys on, handed to tests/perf/conftest.py to record in machine_info.
@@ -78,9 +81,49 @@ def pytest_command(tests: Path, storage: Path, timer: str) -> list[str]:
     ]
 
 
+def how_to_make_a_baseline(gpu: str, folder: Path) -> str:
+    """The exact commands that give `gpu` a baseline and a threshold (run from the repository root)."""
+    return (
+        f"To make one on this {gpu}, from the repository root, on a clean checkout of the revision to "
+        "protect:\n"
+        "  1. time the suites twice with that one revision (the run-to-run noise of this GPU):\n"
+        "       python -m bench run gemm copy mlp muon ce --out runs/bench/noise-1\n"
+        "       python -m bench run gemm copy mlp muon ce --out runs/bench/noise-2\n"
+        "  2. derive this GPU's noise threshold from them (writes threshold.json):\n"
+        "       python -m bench gate --derive-threshold runs/bench/noise-1/results.json "
+        "runs/bench/noise-2/results.json\n"
+        "  3. record the perf tests as this GPU's baseline:\n"
+        "       python -m bench gate --update\n"
+        "  4. check that the gate passes against it:\n"
+        "       python -m bench gate\n"
+        f"then commit {folder}/ (the baseline and threshold.json)."
+    )
+
+
+def derive_threshold(
+    run1: str | Path, run2: str | Path, *, baselines=BASELINES_DIR, force: bool = False
+) -> int:
+    """`bench gate --derive-threshold RUN1 RUN2`: write the GPU's threshold file; 0 done, 2 refused."""
+    from bench.resultsfile import read_results
+
+    try:
+        data = noise.derive(
+            read_results(run1), read_results(run2), sources=(str(run1), str(run2)), force=force
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        _say(str(exc))
+        return 2
+    path = noise.write_thresholds(data, baselines)
+    print(noise.format_thresholds(data))
+    for p in data["forced_past"]:
+        _say(f"FORCED past: {p}")
+    _say(f"wrote {path}: `bench gate` fails beyond {data['gate_pct']}%, `bench compare` uses each suite's")
+    return 0
+
+
 def run_gate(
     update: bool = False,
-    threshold: int = DEFAULT_THRESHOLD_PCT,
+    threshold: int | None = None,
     *,
     gpu: str | None = None,
     tests: str | Path = PERF_TESTS,
@@ -91,6 +134,7 @@ def run_gate(
     """0 pass / baseline saved, 1 regression or failing tests, 2 cannot gate (no GPU, no or foreign baseline).
 
     `gpu` and `timer` exist for the gate's own CPU test: with gpu=None the GPU is detected via CUDA.
+    threshold=None: this GPU's threshold file (bench/noise.py), else DEFAULT_THRESHOLD_PCT.
     """
     if gpu is None:
         if not torch.cuda.is_available():
@@ -111,9 +155,13 @@ def run_gate(
         if not saved:
             others = sorted(p.name for p in baselines.glob("*") if p.is_dir() and any(p.glob("*/*.json")))
             _say(
-                f"no baseline for {gpu!r} in {folder}. Create one on this GPU with "
-                f"`python -m bench gate --update` (then commit the new file under {folder}). "
-                + (f"Baselines exist for: {', '.join(others)} (not comparable)." if others else "")
+                f"no baseline for {gpu!r} in {folder}, so there is nothing to compare with. "
+                + (
+                    f"Baselines exist for: {', '.join(others)} (other GPU models: not comparable). "
+                    if others
+                    else ""
+                )
+                + how_to_make_a_baseline(gpu, folder)
             )
             return 2
         path, data = saved[-1]
@@ -124,9 +172,17 @@ def run_gate(
                 f"{stored!r}, this machine is {gpu!r}. Store one for this GPU with --update."
             )
             return 2
+        if threshold is None:
+            try:
+                threshold, source = noise.gate_threshold(gpu, baselines)
+            except ValueError as exc:
+                _say(str(exc))
+                return 2
+        else:
+            source = "--threshold"
         _say(
             f"comparing against {path} ({data.get('datetime', '?')}); "
-            f"fail if a median is more than {threshold}% slower"
+            f"fail if a median is more than {threshold}% slower (threshold from {source})"
         )
         cmd += [f"--benchmark-compare={path}", f"--benchmark-compare-fail=median:{threshold}%"]
     run_env = {**os.environ, GPU_ENV_VAR: gpu, **(env or {})}
@@ -134,10 +190,8 @@ def run_gate(
     _say(" ".join(cmd[1:]))
     rc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env).returncode
     if rc != 0:
-        _say(
-            f"FAIL (pytest exit code {rc}): a perf test failed, or a median regressed "
-            f"by more than {threshold}%"
-        )
+        why = "a perf test failed" + ("" if update else f", or a median regressed by more than {threshold}%")
+        _say(f"FAIL (pytest exit code {rc}): {why}")
         return 1
     if update:
         new = [(p, d) for p, d in baseline_files(folder) if p not in before]

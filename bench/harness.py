@@ -1,7 +1,9 @@
 """Timing, ceilings and the record of one (case, provider) measurement.
 
 Every time is `triton.testing.do_bench` (or `do_bench_cudagraph` for microsecond kernels) with
-quantiles (0.5, 0.2, 0.8): the median is reported with its p20-p80 spread, never the mean.
+return_mode="all": one timing call returns every per-call time, the median is reported with its
+p20-p80 spread (never the mean), and up to MAX_SAMPLES of the raw times are kept in the record
+(`samples_ms`) so that two runs can be compared with their spread (bench/compare.py).
 do_bench flushes L2 before each call, so bandwidth figures are HBM figures. Each figure is also a
 ratio: speedup against the case's baseline timed in the same run, and % of the two ceilings
 (an 8192^3 bf16 matmul and a large device-to-device copy) measured at the start of the run.
@@ -10,6 +12,9 @@ ratio: speedup against the case's baseline timed in the same run, and % of the t
 from __future__ import annotations
 
 import gc
+import math
+import random
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -20,6 +25,10 @@ import torch
 from bench.registry import SUITES, Case, Provider
 
 QUANTILES = [0.5, 0.2, 0.8]
+# Raw per-call times kept per record. do_bench takes ~100 ms of calls: tens of thousands for a 5 us
+# kernel, ~10 for a training step. The quantiles come from all of them; the record keeps an evenly
+# spaced subsample in time order (enough for a bootstrap of the median, ~5 KB of JSON per record).
+MAX_SAMPLES = 256
 
 CEILING_MATMUL_N = 8192
 CEILING_COPY_BYTES = 2 * 2**30  # 2 GiB read + 2 GiB written: far past L2, launch cost negligible
@@ -43,12 +52,52 @@ class Timing:
         return cls(10, 40, 5) if quick else cls()
 
 
-def bench_ms(fn: Callable[[], object], *, cuda_graph: bool = False, timing: Timing = Timing()):
-    """(median, p20, p80) milliseconds of one call of `fn`, over at least ``timing.min_samples`` calls."""
+# The ceilings' timing: long enough that both ceilings are stable; quick runs take a shorter look.
+CEILING_TIMING = Timing(warmup_ms=50, rep_ms=300)
+QUICK_CEILING_TIMING = Timing(warmup_ms=10, rep_ms=60)
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default; triton.testing's too)."""
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (pos - lo) * (sorted_values[hi] - sorted_values[lo])
+
+
+def thin(samples: list[float], cap: int = MAX_SAMPLES) -> list[float]:
+    """At most `cap` of `samples`, evenly spaced in time order (first and last kept)."""
+    n = len(samples)
+    if n <= cap:
+        return list(samples)
+    return [samples[round(i * (n - 1) / (cap - 1))] for i in range(cap)]
+
+
+def summarize(samples: list[float]) -> dict:
+    """The timing fields of a record from raw per-call times in ms: median, p20, p80 over all of
+    them, `n_samples`, and `samples_ms` (thinned to MAX_SAMPLES, 6 significant digits)."""
+    values = [float(v) for v in samples]
+    if not values:
+        raise ValueError("no timing samples")
+    ordered = sorted(values)
+    return {
+        "median_ms": quantile(ordered, 0.5),
+        "p20_ms": quantile(ordered, 0.2),
+        "p80_ms": quantile(ordered, 0.8),
+        "n_samples": len(values),
+        "samples_ms": [float(f"{v:.6g}") for v in thin(values)],
+    }
+
+
+def bench_ms(fn: Callable[[], object], *, cuda_graph: bool = False, timing: Timing = Timing()) -> dict:
+    """Time `fn` once with do_bench over at least ``timing.min_samples`` calls; `summarize`'s fields.
+
+    return_mode="all" hands back every per-call time (do_bench ignores return_mode when quantiles
+    are given, so none are): the quantiles and the kept samples come from the same calls.
+    do_bench_cudagraph returns 10 samples, each the mean of one replay of ~rep_ms of unrolled calls."""
     from triton.testing import do_bench, do_bench_cudagraph
 
     if cuda_graph:
-        out = do_bench_cudagraph(fn, rep=timing.rep_ms, quantiles=QUANTILES)
+        samples = do_bench_cudagraph(fn, rep=timing.rep_ms, return_mode="all")
     else:
         # do_bench repeats rep_ms / (its own estimate) times: stretch rep_ms for long calls
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -57,9 +106,34 @@ def bench_ms(fn: Callable[[], object], *, cuda_graph: bool = False, timing: Timi
         end.record()
         torch.cuda.synchronize()
         rep_ms = max(timing.rep_ms, timing.min_samples * start.elapsed_time(end))
-        out = do_bench(fn, warmup=timing.warmup_ms, rep=rep_ms, quantiles=QUANTILES)
-    median, p20, p80 = (float(v) for v in out)
-    return median, p20, p80
+        samples = do_bench(fn, warmup=timing.warmup_ms, rep=rep_ms, return_mode="all")
+    return summarize(samples)
+
+
+def compile_cache_state() -> dict:
+    """torch.compile's persistent caches: where they are, whether they are on, and how many files they
+    hold before this run (0: a cold start that compiles everything; the quick budget assumes ~cold).
+
+    Inductor's FX graph cache, AOTAutograd's cache and Triton's kernel cache are on by default in the
+    torch versions we use and survive the process, so a second run on one machine (and the rounds of
+    `bench compare --revs`) skips most compilation; within a run, a graph compiled for one case is
+    reused by any other that traces to the same graph. Compilation is never part of a timing."""
+    import os
+
+    try:
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except Exception as exc:  # another torch: report, never fail a run over it
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    root = cache_dir()
+    files = sum(len(f) for _, _, f in os.walk(root)) if os.path.isdir(root) else 0
+    return {
+        "inductor_dir": root,
+        "fx_graph_cache": bool(inductor_config.fx_graph_cache),
+        "autograd_cache": bool(getattr(functorch_config, "enable_autograd_cache", False)),
+        "files_at_start": files,
+    }
 
 
 def free_cuda_memory() -> None:
@@ -68,23 +142,24 @@ def free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def measure_ceilings(*, fake: bool = False, timing: Timing = Timing(warmup_ms=50, rep_ms=300)) -> dict:
+def measure_ceilings(*, fake: bool = False, timing: Timing = CEILING_TIMING) -> dict:
     """Compute and bandwidth ceilings of this GPU, measured the same way as every provider."""
     n = CEILING_MATMUL_N
     flops = 2.0 * n**3
     copy_bytes = 2 * CEILING_COPY_BYTES  # read + write
+    ms = lambda t: (t["median_ms"], t["p20_ms"], t["p80_ms"])
     if fake:
         mm = (flops / FAKE_MATMUL_TFLOPS / 1e9,) * 3
         cp = (copy_bytes / FAKE_COPY_GBPS / 1e6,) * 3
     else:
         a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-        mm = bench_ms(lambda: torch.mm(a, b), timing=timing)
+        mm = ms(bench_ms(lambda: torch.mm(a, b), timing=timing))
         del a, b
         free_cuda_memory()
         src = torch.randint(0, 256, (CEILING_COPY_BYTES,), device="cuda", dtype=torch.uint8)
         dst = torch.empty_like(src)
-        cp = bench_ms(lambda: dst.copy_(src), timing=timing)
+        cp = ms(bench_ms(lambda: dst.copy_(src), timing=timing))
         del src, dst
         free_cuda_memory()
     return {
@@ -104,13 +179,21 @@ def measure_ceilings(*, fake: bool = False, timing: Timing = Timing(warmup_ms=50
     }
 
 
-def fake_timing(case: Case, provider: str) -> tuple[float, float, float]:
-    """Deterministic stand-in for a measurement (--dry-run): a roofline time, varied per provider."""
+def fake_samples(case: Case, provider: str, timing: Timing = Timing()) -> list[float]:
+    """Deterministic stand-in for a measurement (--dry-run): per-call times in ms around a roofline
+    time varied per provider, as many as do_bench would take (at least timing.min_samples, 10 for
+    CUDA-graph cases), with a realistic shape: ~2% log-normal spread and a 5% tail of slow calls."""
     ideal_s = max(case.flops / (FAKE_MATMUL_TFLOPS * 1e12), case.bytes / (FAKE_COPY_GBPS * 1e9), 4e-6)
     h = zlib.crc32(f"{case.suite}/{case.label}/{provider}".encode())
     factor = 1.15 if provider == case.baseline else 0.8 + (h % 60) / 100
-    median = ideal_s * 1e3 * factor
-    return median, median * 0.98, median * 1.03
+    center = ideal_s * 1e3 * factor
+    n = 10 if case.cuda_graph else min(max(int(timing.rep_ms / center), timing.min_samples), 1000)
+    rng = random.Random(h)
+    samples = []
+    for _ in range(n):
+        slow = 1.0 + rng.uniform(0.05, 0.3) if rng.random() < 0.05 else 1.0
+        samples.append(center * math.exp(rng.gauss(0.0, 0.02)) * slow)
+    return samples
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
@@ -149,6 +232,9 @@ def new_record(case: Case, provider: str) -> dict:
         "median_ms": None,
         "p20_ms": None,
         "p80_ms": None,
+        "n_samples": None,
+        "samples_ms": None,
+        "wall_s": None,
         "peak_mem_bytes": None,
         "tflops": None,
         "gbps": None,
@@ -177,7 +263,7 @@ def measure_provider(case: Case, provider: Provider, ceilings: dict, *, dry_run:
     """The record of one provider on one case; never raises for a provider's failure."""
     rec = new_record(case, provider.name)
     if dry_run:
-        rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = fake_timing(case, provider.name)
+        rec.update(summarize(fake_samples(case, provider.name, timing)))
         rec["fake"] = True
         fill_rates(rec, ceilings)
         return rec
@@ -192,13 +278,20 @@ def measure_provider(case: Case, provider: Provider, ceilings: dict, *, dry_run:
         fn = provider.setup()
         # CUDA-graph replays allocate from the graph's private pool, invisible to the allocator stats
         rec["peak_mem_bytes"] = None if case.cuda_graph else peak_memory_bytes(fn)
-        rec["median_ms"], rec["p20_ms"], rec["p80_ms"] = bench_ms(
-            fn, cuda_graph=case.cuda_graph, timing=timing
-        )
+        rec.update(bench_ms(fn, cuda_graph=case.cuda_graph, timing=timing))
         fill_rates(rec, ceilings)
     except Exception as exc:  # one broken provider must not end the run
         rec.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip()[:2000])
-        for key in ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "tokens_per_s"):
+        for key in (
+            "median_ms",
+            "p20_ms",
+            "p80_ms",
+            "n_samples",
+            "samples_ms",
+            "tflops",
+            "gbps",
+            "tokens_per_s",
+        ):
             rec[key] = None
     finally:
         del fn
@@ -224,6 +317,14 @@ def build_cases(names: Iterable[str], quick: bool) -> list[tuple[str, list[Case]
     return out
 
 
+def _chosen(case: Case, providers: set[str] | None) -> list[Provider]:
+    chosen = [
+        p for p in case.providers if providers is None or p.name in providers or p.name == case.baseline
+    ]
+    chosen.sort(key=lambda p: p.name != case.baseline)
+    return chosen
+
+
 def run_suites(
     names: list[str],
     *,
@@ -233,39 +334,71 @@ def run_suites(
     ceilings: dict,
     timing: Timing,
     log: Callable[[str], None] = print,
+    progress: bool | object = False,
 ) -> list[dict]:
     """Records for every (case, provider) of the named suites, in order; baselines first per case.
 
     `providers` restricts which providers run; a case's baseline is always timed so that every
-    figure keeps its ratio.
+    figure keeps its ratio. `progress`: a tqdm bar over every (case, provider) of the run, with the
+    elapsed time and an estimate of the time left (tqdm's: recent rate x what is left, so it is rough
+    while fast kernels give way to compiled models), on stderr (or on the file object given);
+    the log lines still print, above the bar.
     """
+    from tqdm import tqdm
+
+    built = build_cases(names, quick)
+    total = sum(len(_chosen(c, providers)) for _, cases, _ in built for c in cases or [])
+    bar = tqdm(
+        total=total,
+        unit="run",
+        file=progress if progress not in (True, False) else sys.stderr,
+        disable=progress is False,
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",
+    )
+
+    def say(msg: str) -> None:
+        if bar.disable:
+            log(msg)
+        else:
+            with bar.external_write_mode():
+                log(msg)
+
     records: list[dict] = []
-    for suite, cases, error in build_cases(names, quick):
-        if error is not None:
-            log(f"[{suite}] building the cases failed: {error}")
-            rec = new_record(Case(suite, "<cases()>", {}, 0.0, 0.0, [], baseline=""), provider="<none>")
-            rec.update(status="error", reason=f"cases() raised {error}")
-            records.append(rec)
-            continue
-        for case in cases:
-            chosen = [
-                p
-                for p in case.providers
-                if providers is None or p.name in providers or p.name == case.baseline
-            ]
-            chosen.sort(key=lambda p: p.name != case.baseline)
-            case_records = []
-            for provider in chosen:
-                t0 = time.perf_counter()
-                rec = measure_provider(case, provider, ceilings, dry_run=dry_run, timing=timing)
-                case_records.append(rec)
-                if rec["status"] == "ok":
-                    what = f"{rec['median_ms']:.4f} ms (p20-p80 {rec['p20_ms']:.4f}-{rec['p80_ms']:.4f})"
-                    if rec["tokens_per_s"]:
-                        what += f" {rec['tokens_per_s']:,.0f} tok/s"
-                else:
-                    what = f"{rec['status']}: {rec['reason']}"
-                log(f"[{suite}] {case.label} | {provider.name}: {what} ({time.perf_counter() - t0:.1f} s)")
-            set_speedups(case_records)
-            records.extend(case_records)
+    try:
+        for suite, cases, error in built:
+            if error is not None:
+                say(f"[{suite}] building the cases failed: {error}")
+                rec = new_record(Case(suite, "<cases()>", {}, 0.0, 0.0, [], baseline=""), provider="<none>")
+                rec.update(status="error", reason=f"cases() raised {error}")
+                records.append(rec)
+                continue
+            for case in cases:
+                case_records = []
+                for provider in _chosen(case, providers):
+                    bar.set_description_str(f"{suite} {case.label} | {provider.name}"[:48], refresh=True)
+                    t0 = time.perf_counter()
+                    rec = measure_provider(case, provider, ceilings, dry_run=dry_run, timing=timing)
+                    rec["wall_s"] = round(time.perf_counter() - t0, 3)
+                    case_records.append(rec)
+                    if rec["status"] == "ok":
+                        what = f"{rec['median_ms']:.4f} ms (p20-p80 {rec['p20_ms']:.4f}-{rec['p80_ms']:.4f})"
+                        if rec["tokens_per_s"]:
+                            what += f" {rec['tokens_per_s']:,.0f} tok/s"
+                    else:
+                        what = f"{rec['status']}: {rec['reason']}"
+                    say(f"[{suite}] {case.label} | {provider.name}: {what} ({rec['wall_s']:.1f} s)")
+                    bar.update(1)
+                set_speedups(case_records)
+                records.extend(case_records)
+    finally:
+        bar.close()
     return records
+
+
+def wall_by_suite(records: list[dict]) -> dict[str, float]:
+    """Seconds each suite took (setup, compilation, warm-up and timing of its providers)."""
+    out: dict[str, float] = {}
+    for r in records:
+        out[r["suite"]] = round(out.get(r["suite"], 0.0) + (r.get("wall_s") or 0.0), 2)
+    return out

@@ -4,6 +4,16 @@ A suite is a function `cases(quick: bool) -> list[Case]` decorated with `@regist
 Building cases must not touch the GPU: a provider's `setup()` allocates its inputs and returns
 the zero-argument callable to time, and only the harness calls it. That is what lets
 `python -m bench run --dry-run` walk every suite on a machine without CUDA.
+
+Suite versions. Every suite has a version string (`@register(name, doc, version="2")`, default "1"),
+written into each results file (env.suite_versions); `python -m bench compare` refuses to compare a
+suite whose versions differ (unless --force). Bump it when the same (case, provider) label would time
+different work, so an old timing is no longer comparable: a case's shape, dtype or params change, a
+provider's timed call does more or less (inputs, what is inside the call, compile settings), or the
+baseline changes. Do not bump it for new cases or providers (they are reported as only in one file),
+for changes to the code being measured (that is what a comparison is for), or for notes and docs.
+Quick mode has its own cases and is never compared with a full run, so changing only the quick
+branch needs no bump either.
 """
 
 from __future__ import annotations
@@ -72,18 +82,19 @@ class Suite:
     description: str
     cases: Callable[[bool], list[Case]]
     tags: tuple[str, ...] = field(default=())
+    version: str = "1"
 
 
 SUITES: dict[str, Suite] = {}
 
 
-def register(name: str, description: str):
-    """Decorator: register `cases(quick) -> list[Case]` as suite `name`."""
+def register(name: str, description: str, version: str = "1"):
+    """Decorator: register `cases(quick) -> list[Case]` as suite `name` (version: see the module doc)."""
 
     def wrap(fn: Callable[[bool], list[Case]]):
         if name in SUITES:
             raise ValueError(f"benchmark suite {name!r} is registered twice")
-        SUITES[name] = Suite(name, description, fn)
+        SUITES[name] = Suite(name, description, fn, version=str(version))
         return fn
 
     return wrap

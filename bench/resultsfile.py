@@ -5,12 +5,17 @@ are kept in bench/results/.)
     {"schema": "golfbench.results/1",
      "env": {python, torch, triton, git, gpu, datasheet, ceilings, dry_run, quick, timestamp, ...},
      "records": [{suite, case, provider, status, median_ms, p20_ms, p80_ms, tflops, gbps, speedup, ...}]}
+
+Optional fields (absent in files written before they existed): env.suite_versions {suite: version},
+env.wall_s; per record n_samples (calls timed), samples_ms (up to bench.harness.MAX_SAMPLES of the raw
+per-call times, in time order, for bench/compare.py) and wall_s (seconds spent on the record).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from model.atomic import atomic_write
@@ -57,6 +62,7 @@ CSV_COLUMNS = (
     "median_ms",
     "p20_ms",
     "p80_ms",
+    "n_samples",
     "tflops",
     "gbps",
     "pct_matmul_ceiling",
@@ -64,6 +70,7 @@ CSV_COLUMNS = (
     "tokens_per_s",
     "speedup",
     "peak_mem_bytes",
+    "wall_s",
     "flops",
     "bytes",
     "gpu",
@@ -90,11 +97,26 @@ def validate(results: dict, source: str = "results") -> dict:
             raise ValueError(f"{source}: record {i} has status {rec['status']!r}, expected one of {STATUSES}")
         if rec["status"] == "ok" and rec["median_ms"] is None:
             raise ValueError(f"{source}: record {i} is 'ok' but has no median_ms")
+        samples = rec.get("samples_ms")
+        if samples is not None and not (
+            isinstance(samples, list) and all(isinstance(v, (int, float)) and v > 0 for v in samples)
+        ):
+            raise ValueError(f"{source}: record {i} has samples_ms that are not a list of positive times")
     return results
 
 
 def make_results(env: dict, records: list[dict]) -> dict:
     return validate({"schema": SCHEMA, "env": env, "records": records})
+
+
+# A list of numbers (no strings, lists or objects in it), as json.dumps(indent=...) spreads it out
+_NUMBER_LIST = re.compile(r"\[\n\s*([-+0-9.eE]+(?:,\n\s*[-+0-9.eE]+)*)\n\s*\]")
+
+
+def dumps(results: dict) -> str:
+    """The JSON text of a results object: indented, with lists of numbers (samples_ms) on one line."""
+    text = json.dumps(results, indent=1, sort_keys=False)
+    return _NUMBER_LIST.sub(lambda m: "[" + ",".join(v.strip() for v in m.group(1).split(",")) + "]", text)
 
 
 def csv_rows(results: dict) -> tuple[list[str], list[dict]]:
@@ -120,7 +142,7 @@ def write_results(results: dict, out_dir: Path, stem: str = "results") -> tuple[
     json_path = out_dir / f"{stem}.json"
     csv_path = out_dir / f"{stem}.csv"
     with atomic_write(json_path, "w") as fh:
-        fh.write(json.dumps(results, indent=1, sort_keys=False) + "\n")
+        fh.write(dumps(results) + "\n")
     columns, rows = csv_rows(results)
     with atomic_write(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)

@@ -12,6 +12,11 @@ Providers (the same train.py, two settings):
   ours        kernels="auto" (fused MLP + fused softcapped CE) and banked Muon (batched NS, CUDA graphs)
 params["tokens"] = tokens per call, so tokens/s = tokens / time. flops = GPT.flops_per_token(looping) x
 tokens (matmuls + causal attention, fwd+bwd = 3x fwd), so TFLOP/s over the matmul ceiling reads as MFU.
+
+--quick: accum 1, looped, of the 3-layer record model of the model suite's --quick (QUICK_MODEL there:
+every kernel at the record's shapes, fewer layers, because compiling 11 layers per provider takes a
+minute or more); Muon then has 3-layer banks, so the optimizer's share of the step is smaller than at
+the record.
 """
 
 from __future__ import annotations
@@ -39,9 +44,12 @@ class _FixedBatches:
         return self.batches[j]
 
 
-def build(provider: str, accum: int, looping: bool = False) -> SimpleNamespace:
+def build(
+    provider: str, accum: int, looping: bool = False, model_overrides: dict | None = None
+) -> SimpleNamespace:
     """train.py's pieces for one provider at the record config: cfg, model, model_c (compiled), opts,
-    batches (fixed, on the GPU), pd, log. The step profile (bench/profile.py) builds from this too."""
+    batches (fixed, on the GPU), pd, log. The step profile (bench/profile.py) builds from this too.
+    model_overrides: GPTConfig fields to change (--quick's fewer layers)."""
     from model.report import Logger
     from model.run_config import resolve_config
     from model.train_step import build_model, compile_model
@@ -51,7 +59,7 @@ def build(provider: str, accum: int, looping: bool = False) -> SimpleNamespace:
     device = torch.device("cuda")
     tokens = accum * MICRO_SEQS * SEQ_LEN
     cli = {"grad_accum_steps": accum, "train_batch_tokens": tokens, **SETTINGS[provider]}
-    cfg = resolve_config("record", env={}, cli=cli)
+    cfg = resolve_config("record", env={}, cli=cli, cli_model=model_overrides)
     model = build_model(cfg, device)
     model.set_looping(looping)
     opts = Optimizers(model, cfg, device)
@@ -78,11 +86,11 @@ def build(provider: str, accum: int, looping: bool = False) -> SimpleNamespace:
     )
 
 
-def _setup(looping: bool, accum: int, provider: str):
+def _setup(looping: bool, accum: int, provider: str, model_overrides: dict | None = None):
     def setup():
         from model.train_step import check_finite, clip_gradients, forward_backward
 
-        r = build(provider, accum, looping)
+        r = build(provider, accum, looping, model_overrides)
 
         def step():
             loss = forward_backward(r.model_c, r.batches, r.accum, r.device)
@@ -101,28 +109,36 @@ def _setup(looping: bool, accum: int, provider: str):
     "reference kernels + per-matrix Muon vs fused kernels + banked Muon",
 )
 def cases(quick: bool) -> list[Case]:
-    from model import GPT, GPTConfig
+    from bench.suites.model import QUICK_MODEL
+    from model import GPT, get_config
 
+    overrides = QUICK_MODEL if quick else None
     with torch.device("meta"):  # flop counting only: no memory, no CUDA
-        counter = GPT(GPTConfig())
+        counter = GPT(get_config("record", **(overrides or {})))
+    layers = counter.config.num_layers
     out = []
     for accum in (1,) if quick else (1, 8):
-        for looping in (False, True):
+        for looping in (True,) if quick else (False, True):
             tokens = accum * MICRO_SEQS * SEQ_LEN
             out.append(
                 Case(
                     suite="train",
-                    label=f"{'looped' if looping else 'flat'} accum={accum}",
+                    label=f"{'looped' if looping else 'flat'} accum={accum}"
+                    + (f" L={layers}" if quick else ""),
                     params={
                         "looping": looping,
                         "accum": accum,
                         "micro_seqs": MICRO_SEQS,
                         "seq_len": SEQ_LEN,
                         "tokens": tokens,
+                        "layers": layers,
                     },
                     flops=counter.flops_per_token(looping, SEQ_LEN) * tokens,
                     bytes=0.0,
-                    providers=[Provider(name, _setup(looping, accum, name), needs_cuda) for name in SETTINGS],
+                    providers=[
+                        Provider(name, _setup(looping, accum, name, overrides), needs_cuda)
+                        for name in SETTINGS
+                    ],
                     baseline="reference",
                     x="accum",
                     series=("looping",),

@@ -58,3 +58,17 @@ def test_run_without_cuda_times_nothing_and_says_what_it_skipped(tmp_path):
 
 def test_unknown_suite_is_an_error():
     bench_cli("run", "no-such-suite", "--dry-run", check_rc=2)
+
+
+def test_quick_mode_runs_fewer_cases_and_a_smaller_record_model():
+    pairs = lambda cases: {(c.label, p.name) for c in cases for p in c.providers}
+    total = 0
+    for suite in SUITES.values():
+        quick, full = pairs(suite.cases(True)), pairs(suite.cases(False))
+        assert 0 < len(quick) <= len(full), suite.name
+        total += len(quick)
+    assert total < sum(len(pairs(s.cases(False))) for s in SUITES.values()) / 2
+    for name in ("model", "train", "eval"):  # record width, heads, sequence; 3 layers instead of 11
+        (case,) = SUITES[name].cases(True)
+        assert case.params["layers"] == 3 and case.params["seq_len"] == 2048 and "L=3" in case.label
+        assert {c.params["layers"] for c in SUITES[name].cases(False)} == {11}

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from bench import gate
+from bench import gate, noise
 from bench.env import REPO_ROOT, gpu_slug
 
 SLEEP_VAR = "GOLFBENCH_TEST_SLEEP_MS"
@@ -115,8 +115,97 @@ def test_refuses_baseline_from_another_gpu_model(perf_setup, tmp_path, capfd):
 def test_no_baseline_for_this_gpu_says_how_to_create_one(perf_setup, capfd):
     assert gate.run_gate(gpu="Test GPU C", **perf_setup) == 2
     out = capfd.readouterr().out
-    assert "no baseline for 'Test GPU C'" in out and "python -m bench gate --update" in out
+    assert "no baseline for 'Test GPU C'" in out
     assert gpu_slug("Test GPU A") in out  # names the baselines that do exist
+    # the exact commands, in order: two runs of one revision, the threshold, the baseline, a check
+    steps = [
+        "python -m bench run gemm copy mlp muon ce --out runs/bench/noise-1",
+        "python -m bench run gemm copy mlp muon ce --out runs/bench/noise-2",
+        "python -m bench gate --derive-threshold runs/bench/noise-1/results.json runs/bench/noise-2/results.json",
+        "python -m bench gate --update",
+        "python -m bench gate\n",
+        f"commit {perf_setup['baselines'].resolve() / gpu_slug('Test GPU C')}/",
+    ]
+    positions = [out.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), out
+
+
+@pytest.mark.parametrize("gate_pct, rc", [(10, 1), (30, 0)])
+def test_gate_takes_the_threshold_of_the_gpu(perf_setup, tmp_path, capfd, gate_pct, rc):
+    baselines = tmp_path / "baselines"
+    shutil.copytree(perf_setup["baselines"], baselines)
+    data = {"schema": noise.SCHEMA, "gpu": "Test GPU A", "gate_pct": gate_pct, "default_pct": gate_pct}
+    data["suites"] = {}
+    noise.write_thresholds(data, baselines)
+    kw = dict(perf_setup, baselines=baselines, gpu="Test GPU A")
+    assert gate.run_gate(env={SLEEP_VAR: str(1.2 * BASE_MS)}, **kw) == rc  # 20% slower
+    out = capfd.readouterr().out
+    assert (
+        f"more than {gate_pct}% slower (threshold from {noise.threshold_path('Test GPU A', baselines)}" in out
+    )
+
+
+def _noise_runs(tmp_path, capsys, factor=1.08, sha2=None, dry_run=False):
+    """Two `bench run gemm copy --dry-run` results made to look like measurements on "Test GPU N",
+    the second with one copy median `factor` slower."""
+    from bench.__main__ import main
+
+    assert main(["run", "gemm", "copy", "--dry-run", "--no-progress", "--out", str(tmp_path / "r1")]) == 0
+    capsys.readouterr()
+    run1 = json.loads((tmp_path / "r1" / "results.json").read_text())
+    run1["env"].update(gpu={"name": "Test GPU N"}, dry_run=dry_run)
+    run2 = json.loads(json.dumps(run1))
+    rec = next(r for r in run2["records"] if r["case"] == "64 MiB" and r["provider"] == "triton")
+    rec["median_ms"] *= factor
+    if sha2:
+        run2["env"]["git"]["sha"] = sha2
+    paths = tmp_path / "n1.json", tmp_path / "n2.json"
+    for path, run in zip(paths, (run1, run2)):
+        path.write_text(json.dumps(run))
+    return [str(p) for p in paths]
+
+
+def test_derive_threshold_writes_the_gpus_file(tmp_path, capsys):
+    from bench.__main__ import main
+
+    paths = _noise_runs(tmp_path, capsys)
+    baselines = tmp_path / "baselines"
+    assert main(["gate", "--derive-threshold", *paths, "--baselines", str(baselines)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(noise.threshold_path("Test GPU N", baselines).read_text())
+    assert data["suites"]["copy"] == {
+        "noise_pct": 8.0,
+        "worst": "64 MiB | triton",
+        "records": 10,
+        "threshold_pct": 12,
+    }
+    assert (
+        data["suites"]["gemm"]["noise_pct"] == 0 and data["suites"]["gemm"]["threshold_pct"] == noise.MIN_PCT
+    )
+    assert data["gate_pct"] == 12 and data["default_pct"] == 12 and data["forced_past"] == []
+    assert [d["path"] for d in data["derived_from"]] == paths
+    assert "copy" in out and "-> threshold  12%" in out and "fails beyond 12%" in out
+    assert noise.gate_threshold("Test GPU N", baselines)[0] == 12
+    assert noise.suite_thresholds("Test GPU N", None, baselines)[:2] == ({"copy": 12.0, "gemm": 3.0}, 12.0)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"sha2": "f" * 40}, "different revisions"), ({"dry_run": True}, "a run is a --dry-run")],
+    ids=["two-revisions", "dry-run"],
+)
+def test_derive_threshold_refuses_runs_that_do_not_measure_noise(tmp_path, capsys, kw, message):
+    from bench.__main__ import main
+
+    paths = _noise_runs(tmp_path, capsys, **kw)
+    baselines = tmp_path / "baselines"
+    assert main(["gate", "--derive-threshold", *paths, "--baselines", str(baselines)]) == 2
+    out = capsys.readouterr().out
+    assert message in out and "--force" in out
+    assert not noise.threshold_path("Test GPU N", baselines).exists()
+    assert main(["gate", "--derive-threshold", *paths, "--baselines", str(baselines), "--force"]) == 0
+    assert message in capsys.readouterr().out  # FORCED past ..., and recorded in the file
+    assert message in json.loads(noise.threshold_path("Test GPU N", baselines).read_text())["forced_past"][0]
 
 
 def test_gate_without_cuda_needs_a_gpu(monkeypatch, capfd):

@@ -163,3 +163,81 @@ def test_plot_skips_failed_records(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
     assert plot_results([path], tmp_path / "plots") == []
+
+
+def test_summarize_keeps_thinned_samples_and_exact_quantiles():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    times = list(rng.lognormal(0.0, 0.1, 5000))
+    s = harness.summarize(times)
+    assert s["n_samples"] == 5000 and len(s["samples_ms"]) == harness.MAX_SAMPLES
+    first, last = (pytest.approx(t, rel=1e-5) for t in (times[0], times[-1]))  # 6 significant digits
+    assert s["samples_ms"][0] == first and s["samples_ms"][-1] == last
+    for key, q in (("median_ms", 0.5), ("p20_ms", 0.2), ("p80_ms", 0.8)):
+        assert s[key] == pytest.approx(np.quantile(times, q), rel=1e-12)  # over all samples, not the kept
+    assert harness.summarize([3.0, 1.0, 2.0])["samples_ms"] == [3.0, 1.0, 2.0]  # time order kept
+    with pytest.raises(ValueError, match="no timing samples"):
+        harness.summarize([])
+
+
+def test_progress_bar_counts_every_run_and_log_lines_still_print():
+    import io
+
+    import bench.suites  # noqa: F401  (registers the suites)
+
+    bar, lines = io.StringIO(), []
+    records = harness.run_suites(
+        ["gemm", "copy"],
+        quick=True,
+        dry_run=True,
+        ceilings=harness.measure_ceilings(fake=True),
+        timing=harness.Timing.for_mode(True),
+        log=lines.append,
+        progress=bar,
+    )
+    assert len(records) == len(lines) == 8  # 4 gemm + 2 x 2 copy, one log line each
+    assert all(line.startswith(("[gemm]", "[copy]")) for line in lines)
+    text = bar.getvalue()
+    assert "8/8" in text and "<" in text and "copy 1 GiB | triton" in text  # count, time left, current run
+    assert all(r["wall_s"] is not None and r["samples_ms"] for r in records)
+    assert harness.wall_by_suite(records).keys() == {"gemm", "copy"}
+    # without a bar nothing goes anywhere but the log
+    lines.clear()
+    harness.run_suites(
+        ["gemm"], quick=True, dry_run=True, ceilings=harness.measure_ceilings(fake=True),
+        timing=harness.Timing.for_mode(True), log=lines.append, progress=False,
+    )  # fmt: skip
+    assert len(lines) == 4
+
+
+def test_bench_ms_asks_triton_for_every_sample(monkeypatch):
+    import triton.testing
+
+    # the installed Triton hands back the raw list for return_mode="all" only without quantiles
+    assert triton.testing._summarize_statistics([3.0, 1.0, 2.0], None, "all") == [3.0, 1.0, 2.0]
+    seen = {}
+
+    def fake_cudagraph(fn, rep=20, grad_to_none=None, quantiles=None, return_mode="mean"):
+        seen.update(rep=rep, quantiles=quantiles, return_mode=return_mode)
+        return triton.testing._summarize_statistics([0.5, 0.4, 0.6, 0.45, 0.55], quantiles, return_mode)
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_cudagraph)
+    out = harness.bench_ms(lambda: None, cuda_graph=True, timing=harness.Timing(rep_ms=77))
+    assert seen == {"rep": 77, "quantiles": None, "return_mode": "all"}
+    assert (
+        out["n_samples"] == 5 and out["median_ms"] == 0.5 and out["samples_ms"] == [0.5, 0.4, 0.6, 0.45, 0.55]
+    )
+
+
+@pytest.mark.gpu
+def test_bench_ms_on_the_gpu_keeps_raw_samples():
+    import torch
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for graph in (False, True):
+        out = harness.bench_ms(lambda: a @ a, cuda_graph=graph, timing=harness.Timing(10, 50, 5))
+        s = out["samples_ms"]
+        assert out["n_samples"] >= len(s) >= (10 if graph else 5) and len(s) <= harness.MAX_SAMPLES
+        assert min(s) <= out["p20_ms"] <= out["median_ms"] <= out["p80_ms"] <= max(s)
+        assert 0.05 < out["median_ms"] < 5.0  # a 4096^3 bf16 matmul: ~0.2 ms on an H100/H200
