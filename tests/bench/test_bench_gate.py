@@ -121,7 +121,8 @@ def test_no_baseline_for_this_gpu_says_how_to_create_one(perf_setup, capfd):
     steps = [
         "python -m bench run gemm copy mlp muon ce --out runs/bench/noise-1",
         "python -m bench run gemm copy mlp muon ce --out runs/bench/noise-2",
-        "python -m bench gate --derive-threshold runs/bench/noise-1/results.json runs/bench/noise-2/results.json",
+        "python -m bench gate --derive-threshold runs/bench/noise-1/results.json "
+        "runs/bench/noise-2/results.json",
         "python -m bench gate --update",
         "python -m bench gate\n",
         f"commit {perf_setup['baselines'].resolve() / gpu_slug('Test GPU C')}/",
