@@ -80,6 +80,7 @@ from model.train_step import (
     build_model,
     check_finite,
     clip_gradients,
+    compile_cache,
     compile_model,
     fault_step,
     forward_backward,
@@ -132,6 +133,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay)
         self.batches = self.new_batches()
         self.code_hash = code_hash()
+        self.compile_cache: dict | None = None
         self.non_record: list[str] = []
 
     def new_batches(self) -> RankBatches:
@@ -170,9 +172,12 @@ class Trainer:
         self.batches = self.new_batches()
         self.sync()
         seconds = time.perf_counter() - t0
+        c = self.compile_cache = compile_cache()
+        hits = f"FX graphs {c['fx_graph_hits']} hit / {c['fx_graph_misses']} compiled"
         self.log(
             f"priming: {cfg.warmup_steps} steps x {len(modes)} loop mode(s) in {seconds:.1f} s; weights and "
-            "optimizer state (Muon momentum included) restored exactly"
+            f"optimizer state (Muon momentum included) restored exactly | compile cache: {hits}, "
+            f"AOTAutograd {c['autograd_hits']} hit / {c['autograd_misses']} compiled ({c['inductor_dir']})"
         )
         return seconds
 
@@ -450,6 +455,7 @@ def run(args, cli: dict, cli_model: dict, pd: Dist) -> int:
             log(f"resumed from {resume}: step {start_step}, {elapsed:.1f} s of training")
         # Priming (untimed), then the loop
         report["priming_seconds"] = trainer.prime()
+        report["compile_cache"] = trainer.compile_cache
         if report["kernels"]["mode"] != "off":
             confirm_on_path(report["kernels"], mcfg, cfg, pd.device, log)
         if resume:

@@ -111,29 +111,18 @@ def bench_ms(fn: Callable[[], object], *, cuda_graph: bool = False, timing: Timi
 
 
 def compile_cache_state() -> dict:
-    """torch.compile's persistent caches: where they are, whether they are on, and how many files they
-    hold before this run (0: a cold start that compiles everything; the quick budget assumes ~cold).
-
-    Inductor's FX graph cache, AOTAutograd's cache and Triton's kernel cache are on by default in the
-    torch versions we use and survive the process, so a second run on one machine (and the rounds of
-    `bench compare --revs`) skips most compilation; within a run, a graph compiled for one case is
-    reused by any other that traces to the same graph. Compilation is never part of a timing."""
-    import os
+    """torch.compile's persistent caches before this run (files_at_start 0: a cold start that compiles
+    everything; the quick budget assumes ~cold). Within a run, a graph compiled for one case is reused
+    by any other that traces to the same graph; across runs on one machine (and the rounds of
+    `bench compare --revs`) the caches skip most compilation. Compilation is never part of a timing."""
+    from model.train_step import compile_cache
 
     try:
-        from torch._functorch import config as functorch_config
-        from torch._inductor import config as inductor_config
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        state = compile_cache()
     except Exception as exc:  # another torch: report, never fail a run over it
         return {"error": f"{type(exc).__name__}: {exc}"}
-    root = cache_dir()
-    files = sum(len(f) for _, _, f in os.walk(root)) if os.path.isdir(root) else 0
-    return {
-        "inductor_dir": root,
-        "fx_graph_cache": bool(inductor_config.fx_graph_cache),
-        "autograd_cache": bool(getattr(functorch_config, "enable_autograd_cache", False)),
-        "files_at_start": files,
-    }
+    keys = ("inductor_dir", "fx_graph_cache", "autograd_cache")
+    return {**{k: state[k] for k in keys}, "files_at_start": state["files"]}
 
 
 def free_cuda_memory() -> None:

@@ -37,6 +37,29 @@ def compile_model(model, cfg: Config, device: torch.device):
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
+def compile_cache() -> dict:
+    """torch.compile's persistent caches (Inductor's FX graphs, AOTAutograd's, Triton's kernels: on by
+    default, kept under `inductor_dir` across processes, so a second run of one configuration on a
+    machine skips most compilation): where they are, how many files they hold, and this process's
+    hits and misses so far."""
+    from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root = cache_dir()
+    return {
+        "inductor_dir": root,
+        "fx_graph_cache": bool(inductor_config.fx_graph_cache),
+        "autograd_cache": bool(getattr(functorch_config, "enable_autograd_cache", False)),
+        "files": sum(len(f) for _, _, f in os.walk(root)) if os.path.isdir(root) else 0,
+        "fx_graph_hits": counters["inductor"]["fxgraph_cache_hit"],
+        "fx_graph_misses": counters["inductor"]["fxgraph_cache_miss"],
+        "autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
+        "autograd_misses": counters["aot_autograd"]["autograd_cache_miss"],
+    }
+
+
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

@@ -110,7 +110,8 @@ def cases(quick: bool) -> list[Case]:
     tokens = BATCH * SEQ_LEN
     fwd_flops = 2.0 * BATCH * HEADS * SEQ_LEN**2 * HEAD_DIM
     io = tokens * HEAD_DIM * 2.0  # bytes of one head's worth of one (B, T, head) tensor, bf16
-    impls = list(BACKENDS) + ["fa3", "flex", "auto"] + ([] if quick else ["math"])
+    # quick: PyTorch's pick, the two fast backends and the model's choice (no compile of flex)
+    impls = ["sdpa", "cudnn", "flash", "auto"] if quick else [*BACKENDS, "fa3", "flex", "auto", "math"]
     out = []
     for mode in ("fwd+bwd",) if quick else ("fwd", "fwd+bwd"):
         bwd = mode == "fwd+bwd"
