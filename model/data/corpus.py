@@ -1,7 +1,7 @@
 """The embedded default corpus: English that ships with every Python, in the challenge's format.
 
-Documents are the pydoc topics and the standard library's docstrings; a SentencePiece BPE is trained on
-them with the record tokenizer's settings and the tokens are written as challenge shards (SPEC.md 2.2).
+Documents are the pydoc topics, the standard library's docstrings and its source files; a SentencePiece
+BPE is trained on them with the record tokenizer's settings and the tokens are written as challenge shards (SPEC.md 2.2).
 A tool run before training (``python -m model.data build-corpus``); train.py finds its output through
 model/data/paths.py and runs this command itself when the cache lacks it.
 """
@@ -68,9 +68,9 @@ _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 class StdlibCorpus:
-    """Documents = the pydoc topics (``pydoc_data.topics``, sorted by name) and every module, class and
+    """Documents = the pydoc topics (``pydoc_data.topics``, sorted by name), every module, class and
     function docstring of the standard library's .py files (sorted by path, in source order), read with
-    ``ast`` without importing anything. Exact duplicates are dropped; the documents are then put in a
+    ``ast`` without importing anything, then the text of each of those files. Exact duplicates are dropped; the documents are then put in a
     fixed pseudo-random order (sorted by sha256 of index and text), like FineWeb's pre-shuffled docs.
 
     ``max_files`` keeps only the first N source files (tests use small slices).
@@ -94,6 +94,9 @@ class StdlibCorpus:
         docs = [topics.topics[k] for k in sorted(topics.topics)]
         for path in tqdm(self.source_files(), desc="stdlib docstrings", unit="file", disable=not progress):
             docs += _docstrings(path)
+        # The source files themselves, each one document: ~31 MB beside ~2.7 MB of docs, so that one
+        # record-config step (786,432 tokens) is a small part of the corpus, not all of it.
+        docs += [_source_text(path) for path in self.source_files()]
         seen: set[str] = set()
         unique = []
         for d in docs:
@@ -103,6 +106,13 @@ class StdlibCorpus:
                 unique.append(d)
         keys = [hashlib.sha256(f"{i}\x00{d}".encode()).digest() for i, d in enumerate(unique)]
         return [d for _, d in sorted(zip(keys, unique))]
+
+
+def _source_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _docstrings(path: Path) -> list[str]:

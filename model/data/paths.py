@@ -26,7 +26,7 @@ from .loader import load_val_tokens
 from .shards import resolve_shards
 
 # Bump when the builder (corpus.py) changes the built files: it is part of the fingerprint and the cache key.
-CORPUS_BUILDER_VERSION = "stdlib-corpus-v1"
+CORPUS_BUILDER_VERSION = "stdlib-corpus-v2"  # v2: the source files beside the docs
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
