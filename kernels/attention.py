@@ -169,9 +169,10 @@ def measure(
     {"choice": impl, "candidates": {impl: {status, reason?, errors?, limits?, ms?}}, ...}."""
     b, t, h, hkv, d = shape
     table = {}
-    # The choice is made while torch.compile traces a training step, under autocast: the fp32
-    # reference must stay fp32, and every candidate must see exactly the traced dtype.
-    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    # The choice is made where the first call happens: inside a compiled training step (autocast: the
+    # fp32 reference must stay fp32, every candidate must see the traced dtype) or an eval under
+    # inference_mode (whose tensors could not be differentiated).
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         for impl in candidates:
             entry = _probe(impl, h, hkv, d, dtype, device)
             if entry["status"] == "ok":
@@ -227,7 +228,7 @@ def _forced_blocker(impl: str, h: int, hkv: int, d: int, dtype_name: str, device
     device = torch.device(device_type)
     if impl == "fa3" and _fa3_func is None:
         return "flash_attn_interface (FlashAttention-3) is not importable"
-    with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
         entry = _probe(impl, h, hkv, d, getattr(torch, dtype_name), device)
     return None if entry["status"] == "ok" else entry["reason"]
 

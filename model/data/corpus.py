@@ -1,7 +1,8 @@
 """The embedded default corpus: English that ships with every Python, in the challenge's format.
 
-Documents are the pydoc topics, the standard library's docstrings and its source files; a SentencePiece
-BPE is trained on them with the record tokenizer's settings and the tokens are written as challenge shards (SPEC.md 2.2).
+Documents are the pydoc topics, the standard library's docstrings and its source files; a
+SentencePiece BPE is trained on them with the record tokenizer's settings and the tokens are written as
+challenge shards (SPEC.md 2.2).
 A tool run before training (``python -m model.data build-corpus``); train.py finds its output through
 model/data/paths.py and runs this command itself when the cache lacks it.
 """
@@ -70,8 +71,9 @@ _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 class StdlibCorpus:
     """Documents = the pydoc topics (``pydoc_data.topics``, sorted by name), every module, class and
     function docstring of the standard library's .py files (sorted by path, in source order), read with
-    ``ast`` without importing anything, then the text of each of those files. Exact duplicates are dropped; the documents are then put in a
-    fixed pseudo-random order (sorted by sha256 of index and text), like FineWeb's pre-shuffled docs.
+    ``ast`` without importing anything, then the text of each of those files. Exact duplicates are
+    dropped; the documents are then put in a fixed pseudo-random order (sorted by sha256 of index and
+    text), like FineWeb's pre-shuffled docs.
 
     ``max_files`` keeps only the first N source files (tests use small slices).
     """
