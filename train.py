@@ -70,6 +70,7 @@ from model.run_config import (
     add_config_flags,
     batch_layout,
     config_flags,
+    model_config,
     ttt_config,
 )
 from model.shipped_code import code_hash, code_size
@@ -371,8 +372,9 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     # what is evaluated, with env and flag overrides) and checks it, the paths, the memory, the run folder
     # and the data before anything is built or written; then it makes the run folder (log, lock)
     start = validate.startup(args, cli, cli_model, pd, log)
-    cfg, mcfg, data, run_id, run_dir = start.cfg, start.mcfg, start.data, start.run_id, start.run_dir
+    cfg, data, run_id, run_dir = start.cfg, start.data, start.run_id, start.run_dir
     eval_only, resume, meta = start.eval_only, start.resume, start.meta
+    mcfg = model_config(cfg, pd.device)
     if pd.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
