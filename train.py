@@ -8,14 +8,15 @@
     python train.py --data data                        # FineWeb sp8192 (python -m model.data download)
     python train.py --eval-only runs/<run id>/final_model.ptz   # evaluate an artifact (or a checkpoint dir)
     python train.py --save-every 500                   # checkpoints in runs/<run id>/ckpt/step_NNNNNN/
-    python train.py --resume runs/<run id>/ckpt/step_001000     # continue (the run is marked non-record)
+    python train.py --resume runs/<run id>/ckpt/step_001000     # continue that run in its folder (non-record)
 
 Every run writes runs/<run id>/: train.log (environment header, config, metric lines), metrics.jsonl
 (one line per step and per validation), config.json, report.json (val loss/bpb per phase, artifact
 bytes, times, throughput, a compliance block), submission.json (the challenge's format), loss.png and
-throughput.png, and final_model.ptz (the artifact).
+throughput.png, and final_model.ptz (the artifact). Bad input is refused before anything is built or written
+(model/validate.py; README "What a bad input gets").
 
---eval-only with an artifact uses the config.json its run wrote beside it (unless CLI flags are given).
+--eval-only with an artifact uses the config.json its run wrote beside it (env and flags override it).
 
 Configuration: model/run_config.py's `Config` holds the #1523 hyperparameters (SPEC.md Appendix A); a
 preset (`record`, `tiny`) is overridden by environment variables named like the fields in upper case
