@@ -8,14 +8,15 @@
     python train.py --data data                        # FineWeb sp8192 (python -m model.data download)
     python train.py --eval-only runs/<run id>/final_model.ptz   # evaluate an artifact (or a checkpoint dir)
     python train.py --save-every 500                   # checkpoints in runs/<run id>/ckpt/step_NNNNNN/
-    python train.py --resume runs/<run id>/ckpt/step_001000     # continue (the run is marked non-record)
+    python train.py --resume runs/<run id>/ckpt/step_001000     # continue that run in its folder (non-record)
 
 Every run writes runs/<run id>/: train.log (environment header, config, metric lines), metrics.jsonl
 (one line per step and per validation), config.json, report.json (val loss/bpb per phase, artifact
 bytes, times, throughput, a compliance block), submission.json (the challenge's format), loss.png and
-throughput.png, and final_model.ptz (the artifact).
+throughput.png, and final_model.ptz (the artifact). Bad input is refused before anything is built or written
+(model/validate.py; README "What a bad input gets").
 
---eval-only with an artifact uses the config.json its run wrote beside it (unless CLI flags are given).
+--eval-only with an artifact uses the config.json its run wrote beside it (env and flags override it).
 
 Configuration: model/run_config.py's `Config` holds the #1523 hyperparameters (SPEC.md Appendix A); a
 preset (`record`, `tiny`) is overridden by environment variables named like the fields in upper case
@@ -49,9 +50,9 @@ from pathlib import Path
 import torch
 
 from bench.env import peak_flops, run_environment
-from model import checkpoint
+from model import checkpoint, validate
 from model.atomic import write_json
-from model.data import RankBatches, RunData, ShuffledSequenceLoader, load_run_data
+from model.data import RankBatches, RunData, ShuffledSequenceLoader
 from model.evaluate import eval_non_overlapping, eval_sliding_window, ttt_score_first
 from model.preflight import confirm_on_path, run_preflight
 from model.report import (
@@ -71,7 +72,6 @@ from model.run_config import (
     add_config_flags,
     batch_layout,
     config_flags,
-    config_for_run,
     model_config,
     ttt_config,
 )
@@ -109,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="resume despite a config/code mismatch (non-record)")
     p.add_argument("--eval-only", default=None, help="an artifact (.ptz) or a checkpoint directory")
     p.add_argument("--train-only", action="store_true", help="stop after training (no artifact or evals)")
+    p.add_argument(
+        "--allow-large-cpu", action="store_true", help="run a config too large for a CPU there anyway"
+    )
     add_config_flags(p)
     args = p.parse_args(argv)
     return (args, *config_flags(args))
@@ -360,36 +363,29 @@ def non_overlapping_eval(model, cfg: Config, data: RunData, device, log: Logger,
 def main(argv=None) -> int:
     args, cli, cli_model = parse_args(argv)
     pd = setup_processes(args.device)
+    log = Logger(None, pd.main)  # into runs/<run id>/train.log once the start-up checks have made it
     try:
-        return run(args, cli, cli_model, pd)
+        return run(args, cli, cli_model, pd, log)
+    except BaseException as exc:
+        log.error(exc)  # the run's log holds the error too (a refusal before its folder exists: stderr only)
+        raise
     finally:
         pd.close()
 
 
-def run(args, cli: dict, cli_model: dict, pd: Dist) -> int:
+def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     t_start = time.perf_counter()
-    # Configuration: the preset with env and flag overrides, or the config of what is evaluated
-    eval_only = Path(args.eval_only) if args.eval_only else None
-    resume = Path(args.resume) if args.resume else None
-    saved = resume or (eval_only if eval_only and eval_only.is_dir() else None)
-    meta = checkpoint.read_checkpoint_meta(saved) if saved else None
-    cfg = config_for_run(args.preset, cli, cli_model, eval_only, meta)
+    # Configuration, processes, data: model/validate.py resolves the config (the preset, or the config of
+    # what is evaluated, with env and flag overrides) and checks it, the paths, the memory, the run folder
+    # and the data before anything is built or written; then it makes the run folder (log, lock)
+    start = validate.startup(args, cli, cli_model, pd, log)
+    cfg, data, run_id, run_dir = start.cfg, start.data, start.run_id, start.run_dir
+    eval_only, resume, meta = start.eval_only, start.resume, start.meta
+    mcfg = model_config(cfg, pd.device)
     if pd.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # Processes: the run's folder, log and environment
-    run_id = pd.broadcast_object(args.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}-s{cfg.seed}")
-    run_dir = Path(args.out_dir) / run_id
-    if pd.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    pd.barrier()
-    log = Logger(run_dir, pd.main)
     env = run_environment(pd.device, pd.world)
-    mcfg = model_config(cfg, pd.device)
-
-    # Data
-    data = load_run_data(cfg, args.data, mcfg.vocab_size, pd.main, log)
     env.update(corpus_fingerprint=data.paths.fingerprint, val_sha256=data.val_sha256)
     log(f"run {run_id} | " + " | ".join(f"{k} {v}" for k, v in env.items()))
     log("config: " + json.dumps(asdict(cfg), sort_keys=True))

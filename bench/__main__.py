@@ -167,11 +167,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from bench.plot import plot_results
+    from bench.plot import plot_results, results_files
 
-    out = Path(args.out) if args.out else Path(args.results[0]).parent / "plots"
     try:
-        written = plot_results(args.results, out)
+        files = results_files(args.results)
+        out = Path(args.out) if args.out else files[0].parent / "plots"
+        written = plot_results(files, out)
     except (FileNotFoundError, ValueError) as exc:
         print(f"bench plot: {exc}", file=sys.stderr)
         return 2
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plot", help="PNG plots from results JSON files")
-    p.add_argument("results", nargs="+", help="results JSON files (several: overlaid, e.g. two runs)")
+    p.add_argument("results", nargs="+", help="results JSON files or folders (several: overlaid)")
     p.add_argument("--out", help="output folder (default: <folder of the first file>/plots)")
     p.set_defaults(func=cmd_plot)
 

@@ -57,6 +57,28 @@ def _x_value(rec: dict):
     return rec["params"].get(rec["x"]) if rec["x"] else rec["case"]
 
 
+def results_files(paths: list[str | Path]) -> list[Path]:
+    """The given results files, a folder standing for every results JSON under it (other JSON skipped)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = []
+        for f in sorted(p.rglob("*.json")):
+            try:
+                read_results(f)
+            except ValueError:
+                continue
+            found.append(f)
+        if not found:
+            raise ValueError(
+                f"{p}: no results JSON under this folder (python -m bench run writes results.json)"
+            )
+        files += found
+    return files
+
+
 def plot_results(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Write the PNGs for the given results files into out_dir; returns the files written."""
     runs = [(Path(p), read_results(p)) for p in paths]

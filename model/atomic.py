@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,10 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ".<final name>.<mkstemp's 8 random characters>.tmp": what _tmp_path creates and leftover_temporaries finds
+_TMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def _tmp_path(path: Path) -> Path:
@@ -58,3 +63,20 @@ def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
+
+
+def leftover_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Temporary files under ``root`` that an interrupted write (a kill, a crash) left behind: the block
+    of atomic_path never finished, so nothing was renamed and nothing reads them."""
+    return sorted(p for p in Path(root).rglob(".*.tmp") if _TMP_NAME.fullmatch(p.name) and p.is_file())
+
+
+def remove_temporaries(root: str | os.PathLike) -> tuple[int, int]:
+    """Remove leftover_temporaries(root); returns (files, bytes) removed. Only for a folder that no other
+    process is writing to (train.py holds the run folder's lock)."""
+    files = leftover_temporaries(root)
+    size = 0
+    for p in files:
+        size += p.stat().st_size
+        p.unlink(missing_ok=True)
+    return len(files), size

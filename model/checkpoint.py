@@ -4,11 +4,18 @@ disk (runs/<run id>/ckpt/step_NNNNNN/: rank{r}.pt of every rank, then meta.json 
 A checkpoint directory without meta.json is incomplete and is never resumed; every file is written to a
 temporary name and renamed. Rank 0's file holds the weights and the EMA (the same on every rank); each
 rank's file holds its optimizer states (a sharded Muon's momentum is per rank) and its loaders' positions.
+meta.json holds the size and sha256 of every rank's file, checked before a file is loaded: a damaged
+file is refused, naming it and the previous checkpoint. A checkpoint the disk has no room for is skipped
+(the error names the path and the bytes it needs; the previous one is kept) and training continues.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,8 +23,8 @@ import torch
 
 from optim.distributed import Dist
 
-from .atomic import atomic_write, write_json
-from .run_config import Config, config_hash
+from .atomic import atomic_write
+from .run_config import Config, config_hash, read_saved_json
 from .shipped_code import code_hash
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,19 +95,104 @@ def _assert_zero(obj, where: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(ckdir: Path, pd: Dist, *, model, ema, opts, batches, meta: dict, log) -> Path:
-    """Write this rank's file, then (rank 0, once every rank is done) ``meta`` as meta.json."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+KEEP_FREE = 16 * 2**20  # bytes a checkpoint leaves free on its disk, so that the run's log can still grow
+
+
+def _write(path: Path, data) -> str | None:
+    """Write ``data`` to ``path`` atomically; None, or why the disk could not take it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    full = f"{path}: disk full, {len(data):,} bytes needed"
+    if free < len(data) + KEEP_FREE:
+        return f"{full}, {free:,} free (a checkpoint leaves {KEEP_FREE // 2**20} MiB free for the log)"
+    try:
+        with atomic_write(path) as f:
+            f.write(data)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        return f"{full} ({exc.strerror}; {shutil.disk_usage(path.parent).free:,} bytes free now)"
+    return None
+
+
+def save_checkpoint(ckdir: Path, pd: Dist, *, model, ema, opts, batches, meta: dict, log) -> Path | None:
+    """Write this rank's file, then (rank 0, once every rank is done) ``meta`` with every file's size and
+    sha256 as meta.json. Disk full on any rank: nothing of this checkpoint is kept, the error is logged
+    and None returned (the previous checkpoint stays the latest; the caller's run goes on)."""
     payload = {"optimizers": opts.state_dict(), "loaders": batches.state_dict(), "rank": pd.rank}
     if pd.main:
         payload.update(model=model.state_dict(), ema=ema.state_dict(), looping=bool(model.looping))
-    with atomic_write(ckdir / f"rank{pd.rank}.pt") as f:
-        torch.save(payload, f)
-    pd.barrier()
-    if pd.main:
-        write_json(ckdir / "meta.json", meta)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    entry = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    results = pd.all_gather_object(_write(ckdir / f"rank{pd.rank}.pt", data) or entry)
+    del data
+    problems = [r for r in results if isinstance(r, str)]
+    if pd.main and not problems:
+        files = {f"rank{r}.pt": e for r, e in enumerate(results)}
+        problem = _write(
+            ckdir / "meta.json", (json.dumps({**meta, "files": files}, indent=2, default=str) + "\n").encode()
+        )
+        problems += [problem] if problem else []
+    if pd.main and problems:  # an incomplete checkpoint is never resumed: take back what was written
+        for name in ["meta.json"] + [f"rank{r}.pt" for r, e in enumerate(results) if isinstance(e, dict)]:
+            (ckdir / name).unlink(missing_ok=True)
+        if ckdir.is_dir() and not any(ckdir.iterdir()):
+            ckdir.rmdir()
+        prev = previous_checkpoint(ckdir)
+        log(
+            f"ERROR: checkpoint {ckdir} not written: "
+            + "; ".join(problems)
+            + ". The previous checkpoint ("
+            + (str(prev) if prev else "none")
+            + ") is kept; training continues: free space for the next one."
+        )
+    elif pd.main:
         log(f"checkpoint: {ckdir}")
     pd.barrier()
-    return ckdir
+    return None if pd.any(bool(problems)) else ckdir
+
+
+def previous_checkpoint(ckdir: Path) -> Path | None:
+    """The latest complete checkpoint (with meta.json) beside ``ckdir`` at an earlier step, if any."""
+    earlier = [
+        p
+        for p in ckdir.parent.glob("step_*")
+        if p.name < ckdir.name and (p / "meta.json").is_file() and p.resolve() != ckdir.resolve()
+    ]
+    return max(earlier, default=None)
+
+
+def verify_checkpoint_file(path: Path, rank: int, meta: dict) -> str | None:
+    """Check rank{rank}.pt against the size and sha256 in meta.json; refuse a damaged file, naming it and
+    the previous checkpoint. Returns a note for a checkpoint written before checksums existed."""
+    name = f"rank{rank}.pt"
+    file = path / name
+    expected = (meta.get("files") or {}).get(name)
+    if not file.is_file():
+        raise SystemExit(f"{file}: missing from the checkpoint; {_instead(path)}")
+    if expected is None:
+        return f"{file}: no checksum in {path / 'meta.json'} (an older checkpoint): loaded unverified"
+    h, size = hashlib.sha256(), 0
+    with open(file, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+            size += len(chunk)
+    if size != expected["bytes"] or h.hexdigest() != expected["sha256"]:
+        raise SystemExit(
+            f"{file}: damaged: {size:,} bytes, sha256 {h.hexdigest()[:16]}..., but meta.json says "
+            f"{expected['bytes']:,} bytes, sha256 {expected['sha256'][:16]}...; {_instead(path)}"
+        )
+    return None
+
+
+def _instead(path: Path) -> str:
+    prev = previous_checkpoint(path)
+    if prev is None:
+        return f"there is no earlier complete checkpoint in {path.parent}: start the run again"
+    return f"use the previous checkpoint instead: --resume {prev} (or --eval-only {prev})"
 
 
 def checkpoint_meta(cfg: Config, pd: Dist, accum: int, step: int, elapsed_s: float) -> dict:
@@ -123,10 +215,7 @@ def read_checkpoint_meta(path: Path) -> dict:
             f"{path}: not a complete checkpoint (no meta.json); pass a directory runs/<id>/ckpt/step_NNNNNN "
             "written by --save-every"
         )
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"{meta_path}: not valid JSON ({exc}); the checkpoint is damaged") from exc
+    return read_saved_json(meta_path, "the checkpoint is damaged: " + _instead(path))
 
 
 def check_resume(meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> list[str]:
@@ -151,8 +240,10 @@ def check_resume(meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> 
 
 
 def load_checkpoint(path: Path, pd: Dist, *, model, ema, opts) -> dict:
-    """Weights, EMA and loop mode (from rank 0's file, broadcast) and this rank's optimizer states.
-    Returns this rank's payload: its "loaders" are restored by the caller once priming is done."""
+    """Weights, EMA and loop mode (from rank 0's file, broadcast) and this rank's optimizer states, each
+    file checked against its checksum first. Returns this rank's payload: its "loaders" are restored by
+    the caller once priming is done."""
+    verify_checkpoint_file(path, pd.rank, read_checkpoint_meta(path))
     payload = torch.load(path / f"rank{pd.rank}.pt", map_location=pd.device, weights_only=False)
     if pd.main:
         model.load_state_dict(payload["model"])

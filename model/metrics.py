@@ -319,3 +319,21 @@ def audit_byte_counts(
                 "exercise are wrong:\n  - " + "\n  - ".join(problems)
             )
     return report
+
+
+AUDIT_TOKENS = 2**20  # the start-up audit reads the first 1 M validation tokens (~1,300 FineWeb documents)
+
+
+def audit_run_tables(sp, luts: ByteLUTs, val_tokens, max_tokens: int = AUDIT_TOKENS) -> ByteAudit | None:
+    """A run's start-up audit of its byte tables: the first ``max_tokens`` of the validation stream and
+    every table entry against the tokenizer's decoder (ByteAuditError naming the pieces when they differ).
+    None when that stream has no boundary (BOS) token to cut documents at: nothing can be audited."""
+    head = val_tokens[: max_tokens + 1]
+    try:
+        return audit_byte_counts(sp, head, luts)
+    except ByteAuditError:
+        raise
+    except ValueError as exc:
+        if "no boundary" in str(exc):
+            return None
+        raise

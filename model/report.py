@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,21 +23,53 @@ _EVAL_PHASES = ("quantized", "sliding", "ttt")  # what the challenge's evaluatio
 
 
 class Logger:
-    """Rank 0 prints and appends to train.log; every rank can append to metrics.jsonl through rank 0."""
+    """Rank 0 prints and appends to train.log; every rank can append to metrics.jsonl through rank 0.
+    Without a run folder yet (the start-up checks run before it is made) lines are printed and kept, and
+    written to train.log when ``attach`` opens the folder."""
 
     def __init__(self, run_dir: Path | None, main: bool):
         self.main = main
-        self.log_path = run_dir / "train.log" if run_dir and main else None
-        self.metrics_path = run_dir / "metrics.jsonl" if run_dir and main else None
+        self.log_path = self.metrics_path = None
         self.records: list[dict] = []
+        self._pending: list[str] = []
+        self._errors: set[str] = set()  # errors already logged (so that error() does not repeat them)
+        if run_dir is not None:
+            self.attach(run_dir)
+
+    def attach(self, run_dir: Path) -> None:
+        """Log into ``run_dir`` from now on, starting with the lines printed before it existed."""
+        if not self.main:
+            return
+        self.log_path, self.metrics_path = run_dir / "train.log", run_dir / "metrics.jsonl"
+        if self._pending:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write("".join(m + "\n" for m in self._pending))
+            self._pending = []
 
     def __call__(self, msg: str = "") -> None:
         if not self.main:
             return
         print(msg, flush=True)
+        if msg.startswith("ERROR: "):
+            self._errors.add(msg[len("ERROR: ") :])
         if self.log_path:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
+        else:
+            self._pending.append(msg)
+
+    def error(self, exc: BaseException) -> None:
+        """Append the error that ends the run to train.log (its traceback too, unless it is a refusal):
+        Python prints it on stderr, the log keeps it. Before the run folder exists there is no log."""
+        if not (self.main and self.log_path) or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
+            return
+        text = str(exc.code) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        if str(exc) in self._errors or text in self._errors:
+            return
+        if not isinstance(exc, SystemExit | KeyboardInterrupt):
+            text += "\n" + "".join(traceback.format_exception(exc)).rstrip()
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(f"ERROR: {text}\n")
 
     def metric(self, record: dict) -> None:
         if not self.main:

@@ -3,21 +3,27 @@ presets, and how environment variables and command-line flags override them.
 
 A preset (`record`, `tiny`) is overridden by environment variables named like the fields in upper case
 (SEED, ITERATIONS, MAX_WALLCLOCK_SECONDS, TTT_ENABLED, MUON_MOMENTUM, ...; GPTConfig fields too, e.g.
-QK_GAIN_INIT), then by CLI flags (--matrix-lr 0.03, --model-num-layers 9).
+QK_GAIN_INIT), then by CLI flags (--matrix-lr 0.03, --model-num-layers 9). Every numeric field has a
+range (RANGES, MODEL_RANGES) and a value outside it is refused naming the variable or flag it came from;
+an environment variable that looks like a field but is none (SEQ_LEN) gets a warning naming the nearest.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .config import PRESETS as MODEL_PRESETS
 from .config import GPTConfig, get_config
 from .evaluate import TTTConfig
 
@@ -123,12 +129,110 @@ PRESETS: dict[str, Config] = {
 }
 
 CHOICES = {
+    "model_preset": tuple(MODEL_PRESETS),
     "embed_dtype": ("bfloat16", "float32"),
     "kernels": ("auto", "triton", "torch"),
     "muon_impl": ("banked", "per_matrix"),
     "compile": ("auto", "on", "off"),
     "preflight": ("on", "strict", "off"),
 }
+
+# The range of every numeric field (an interval, inf: unbounded; a float must also be finite) and what
+# the field is. A value outside it is refused before anything runs, naming the variable or flag it came
+# from. tests/test_bad_inputs.py checks that every numeric field of Config and GPTConfig has one.
+RANGES: dict[str, tuple[str, str]] = {
+    "matrix_lr": ("[0, inf)", "a learning rate"),
+    "scalar_lr": ("[0, inf)", "a learning rate"),
+    "tied_embed_lr": ("[0, inf)", "a learning rate"),
+    "muon_momentum": ("[0, 1)", "a momentum"),
+    "muon_momentum_warmup_start": ("[0, 1)", "a momentum"),
+    "muon_momentum_warmup_steps": ("[0, inf)", "steps (0: no warmup)"),
+    "muon_backend_steps": ("[1, 100]", "Newton-Schulz iterations"),
+    "muon_wd": ("[0, inf)", "a weight decay"),
+    "embed_wd": ("[0, inf)", "a weight decay"),
+    "adam_wd": ("[0, inf)", "a weight decay"),
+    "beta1": ("[0, 1)", "an Adam beta"),
+    "beta2": ("[0, 1)", "an Adam beta"),
+    "adam_eps": ("(0, inf)", "Adam's epsilon"),
+    "grad_clip_norm": ("(-inf, inf)", "a gradient norm (<= 0: no clipping)"),
+    "ema_decay": ("[0, 1)", "the EMA decay (1 would keep the initial weights)"),
+    "iterations": ("[1, inf)", "training steps; 0 only with --eval-only"),
+    "max_wallclock_seconds": ("(-inf, inf)", "seconds (<= 0: no wallclock cap)"),
+    "gptq_reserve_seconds": ("[0, inf)", "seconds kept from the cap for GPTQ"),
+    "warmdown_frac": ("[0, 1]", "a fraction of the run"),
+    "min_lr": ("[0, 1]", "a multiplier of the learning rate"),
+    "enable_looping_at": ("(-inf, 1]", "a fraction of the run (< 0: never)"),
+    "warmup_steps": ("[0, inf)", "priming steps per loop mode"),
+    "train_batch_tokens": ("[1, inf)", "tokens per optimizer step"),
+    "train_seq_len": ("[1, inf)", "tokens per training sequence"),
+    "grad_accum_steps": ("[0, inf)", "micro-batches per step (0: 8 // world size)"),
+    "val_loss_every": ("[0, inf)", "steps (0: at the end only)"),
+    "train_log_every": ("[0, inf)", "steps"),
+    "eval_seq_len": ("[1, inf)", "tokens per evaluation window"),
+    "eval_stride": ("[1, inf)", "tokens between sliding windows"),
+    "val_batch_seqs": ("[1, inf)", "windows per evaluation batch"),
+    "val_max_tokens": ("[0, inf)", "validation tokens (0: all)"),
+    "gptq_calibration_batches": ("[1, inf)", "batches"),
+    "quant_passthrough_max_numel": ("[0, inf)", "elements"),
+    "matrix_clip_sigmas": ("(0, inf)", "an SDClip k"),
+    "embed_clip_sigmas": ("(0, inf)", "an SDClip k"),
+    "ttt_lr": ("[0, inf)", "a learning rate"),
+    "ttt_epochs": ("[0, inf)", "passes per chunk"),
+    "ttt_chunk_tokens": ("[1, inf)", "tokens per TTT chunk"),
+    "ttt_momentum": ("[0, 1)", "a momentum"),
+    "ttt_grad_clip": ("(-inf, inf)", "a gradient norm"),
+    "ttt_batch_seqs": ("[1, inf)", "sequences per TTT step"),
+    "hash_embed_size": ("[1, inf)", "hash buckets"),
+    "seed": ("[0, 9223372036854775807]", "a random seed"),
+}
+MODEL_RANGES: dict[str, tuple[str, str]] = {
+    "vocab_size": ("[2, 65536]", "token ids (the shard format holds uint16)"),
+    "num_layers": ("[1, inf)", "layers"),
+    "model_dim": ("[1, inf)", "the width"),
+    "num_heads": ("[1, inf)", "attention heads"),
+    "num_kv_heads": ("[1, inf)", "key/value heads"),
+    "mlp_mult": ("(0, inf)", "the MLP width multiplier"),
+    "rope_dims": ("[2, inf)", "rotary dimensions per head"),
+    "rope_base": ("(0, inf)", "the RoPE base"),
+    "rope_train_seq_len": ("[1, inf)", "tokens"),
+    "qk_gain_init": ("(-inf, inf)", "a gain"),
+    "logit_softcap": ("(0, inf)", "the logit softcap"),
+    "xsa_last_n": ("[0, inf)", "layers"),
+    "loop_start": ("[0, inf)", "a layer index"),
+    "loop_end": ("[0, inf)", "a layer index"),
+    "num_loops": ("[0, inf)", "extra passes of the looped layers"),
+    "parallel_start_layer": ("[0, inf)", "a layer index"),
+    "tied_embed_init_std": ("[0, inf)", "a standard deviation"),
+    "hash_embed_size": ("[1, inf)", "hash buckets"),
+    "train_seq_len": ("[1, inf)", "tokens per training sequence"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type, out of its range or not one of its choices; the message names
+    the environment variable, flag or file it came from."""
+
+
+def _interval(spec: str) -> tuple[float, float, bool, bool]:
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return lo, hi, spec[0] == "[", spec[-1] == "]"
+
+
+def in_range(value, spec: str) -> bool:
+    lo, hi, lo_closed, hi_closed = _interval(spec)
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (lo <= value if lo_closed else lo < value) and (value <= hi if hi_closed else value < hi)
+
+
+def describe_range(spec: str) -> str:
+    """'[1, inf)' -> '>= 1', '(0, inf)' -> '> 0', '[0, 1)' -> 'in [0, 1)', '(-inf, inf)' -> 'finite'."""
+    lo, hi, lo_closed, _ = _interval(spec)
+    if math.isinf(lo) and math.isinf(hi):
+        return "a finite number"
+    if math.isinf(hi):
+        return f"{'>=' if lo_closed else '>'} {spec[1:-1].split(',')[0]}"
+    return f"in {spec}"
 
 
 def _convert(name: str, raw, default):
@@ -149,7 +253,7 @@ def _convert(name: str, raw, default):
         if isinstance(default, float):
             return float(text)
     except ValueError as e:
-        raise ValueError(f"config {name}={raw!r}: {e}") from None
+        raise ConfigError(f"config {name}={raw!r}: {e}") from None
     return text
 
 
@@ -163,34 +267,112 @@ SHARED = ("train_seq_len", "hash_embed_size")
 
 
 def resolve_config(
-    preset: str, env: dict | None = None, cli: dict | None = None, cli_model: dict | None = None
+    preset: str,
+    env: dict | None = None,
+    cli: dict | None = None,
+    cli_model: dict | None = None,
+    *,
+    base: Config | None = None,
+    base_source: str | None = None,
+    training: bool = True,
 ) -> Config:
-    """preset -> environment variables (FIELD_NAME in upper case) -> CLI values. Returns a Config."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    """preset (or ``base``, a saved run's config) -> environment variables (FIELD_NAME in upper case) ->
+    CLI values. Returns a Config whose every field is of its type, one of its choices and in its range
+    (``training``: iterations >= 1); else raises ConfigError naming where the bad value came from."""
+    if base is None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+        base, base_source = PRESETS[preset], f"preset {preset}"
     env = os.environ if env is None else env
-    base = PRESETS[preset]
     values = asdict(base)
     overrides = dict(base.model_overrides)
+    source = dict.fromkeys([*values, *model_fields()], base_source or "the saved config")
     for f in dataclasses.fields(Config):
         if f.name == "model_overrides":
             continue
         if f.name.upper() in env:
             values[f.name] = _convert(f.name.upper(), env[f.name.upper()], getattr(base, f.name))
-    for name, default in model_fields().items():
+            source[f.name] = f"environment {f.name.upper()}"
+    defaults = model_fields()
+    for name, default in defaults.items():
         if name not in SHARED and name.upper() in env:
             overrides[name] = _convert(name.upper(), env[name.upper()], default)
+            source[name] = f"environment {name.upper()}"
     for name, raw in (cli or {}).items():
         values[name] = _convert("--" + name.replace("_", "-"), raw, getattr(base, name))
-    defaults = model_fields()
+        source[name] = "--" + name.replace("_", "-")
     for name, raw in (cli_model or {}).items():
         overrides[name] = _convert("--model-" + name.replace("_", "-"), raw, defaults[name])
+        source[name] = "--model-" + name.replace("_", "-")
     values["model_overrides"] = overrides
     cfg = Config(**values)
+    _check(cfg, source, training)
+    return cfg
+
+
+def _check(cfg: Config, source: dict, training: bool) -> None:
+    def refuse(name: str, value, why: str):
+        raise ConfigError(f"config {name}={value!r} (from {source[name]}): {why}")
+
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
-            raise ValueError(f"config {name}={getattr(cfg, name)!r}: expected one of {choices}")
-    return cfg
+            refuse(name, getattr(cfg, name), f"expected one of {choices}")
+    fields = [(n, getattr(cfg, n), RANGES) for n in RANGES]
+    fields += [(n, v, MODEL_RANGES) for n, v in cfg.model_overrides.items() if n in MODEL_RANGES]
+    for name, value, ranges in fields:
+        spec, what = ranges[name]
+        if name == "iterations" and not training:
+            spec = "[0, inf)"
+        if not in_range(value, spec):
+            refuse(name, value, f"must be {describe_range(spec)} ({what})")
+    if (cfg.sliding_window_enabled or cfg.ttt_enabled) and cfg.eval_stride > cfg.eval_seq_len:
+        refuse("eval_stride", cfg.eval_stride, f"must be <= eval_seq_len {cfg.eval_seq_len}")
+    if cfg.max_wallclock_seconds > 0 and cfg.gptq_reserve_seconds >= cfg.max_wallclock_seconds:
+        refuse(
+            "gptq_reserve_seconds",
+            cfg.gptq_reserve_seconds,
+            f"leaves no training time of max_wallclock_seconds {cfg.max_wallclock_seconds}",
+        )
+
+
+# Environment variables of other tools (and of torchrun), never taken for a misspelt config field.
+_FOREIGN_PREFIXES = (
+    "OMP_", "MKL_", "CUDA", "NCCL_", "NVSHMEM_", "TORCH", "TRITON_", "PYTHON", "PYTEST", "HF_", "PIP_",
+    "LC_", "XDG_", "SSH_", "CONDA", "VIRTUAL_ENV", "GOLFBENCH_", "MATCHED_FINEWEB_", "MASTER_", "LOCAL_",
+    "GROUP_", "ROLE_", "NODE_",
+)  # fmt: skip
+_OWN = {"RUN_ID", "RANK", "WORLD_SIZE"}
+
+
+def _looks_like(name: str, field_name: str) -> float:
+    """How close an environment name is to a field's (0: not at all): close in spelling, sharing a word
+    and nearly so, or made of the field's words (SEQ_LEN of TRAIN_SEQ_LEN)."""
+    ratio = difflib.SequenceMatcher(None, name, field_name).ratio()
+    words, field_words = set(name.split("_")), set(field_name.split("_"))
+    return ratio if ratio >= 0.8 or (ratio >= 0.6 and words & field_words) or words <= field_words else 0.0
+
+
+def unknown_env_warnings(env: dict | None = None) -> list[str]:
+    """One warning per environment variable that looks like a config field but is none (SEQ_LEN=0 is
+    silently not TRAIN_SEQ_LEN), naming the nearest fields."""
+    env = os.environ if env is None else env
+    fields = sorted(
+        {n.upper() for n in asdict(Config()) if n != "model_overrides"} | {n.upper() for n in model_fields()}
+    )
+    warnings = []
+    for name in sorted(env):
+        if name in fields or name in _OWN or name.startswith(_FOREIGN_PREFIXES):
+            continue
+        if not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)*", name):
+            continue
+        near = sorted((-_looks_like(name, f), f) for f in fields if _looks_like(name, f) > 0)
+        if near:
+            guess = " or ".join(f for _, f in near[:3])
+            value = env[name]
+            warnings.append(
+                f"environment {name}={value!r} is not a config field (ignored); did you mean {guess}?"
+            )
+    return warnings
 
 
 def model_config(cfg: Config, device: torch.device):
@@ -265,6 +447,20 @@ def config_flags(args: argparse.Namespace) -> tuple[dict, dict]:
     return cli, cli_model
 
 
+def read_saved_json(
+    path: Path,
+    fix: str = "restore it from the run that wrote it, or move it away and pass the config as flags",
+) -> dict:
+    """A config.json or meta.json a run wrote, or a clear error naming the file and ``fix``."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc}); {fix}") from exc
+    if not isinstance(obj, dict):
+        raise SystemExit(f"{path}: expected a JSON object with a 'config' entry, got {type(obj).__name__}")
+    return obj
+
+
 def config_from(saved: dict, where: Path) -> Config:
     """The Config a run saved (config.json or checkpoint meta), or a clear error naming the file."""
     try:
@@ -277,13 +473,25 @@ def config_from(saved: dict, where: Path) -> Config:
 
 
 def config_for_run(
-    preset: str, cli: dict, cli_model: dict, eval_only: Path | None, meta: dict | None
+    preset: str,
+    cli: dict,
+    cli_model: dict,
+    eval_only: Path | None,
+    meta: dict | None,
+    env: dict | None = None,
 ) -> Config:
-    """The config of this run: an evaluated artifact's (the config.json its run wrote beside it, unless
-    flags are given) or checkpoint's (its meta.json), else the preset with env and flag overrides."""
+    """The config of this run: for --eval-only, the evaluated artifact's (the config.json its run wrote
+    beside it) or checkpoint's (its meta.json); else the preset. Environment variables and flags override
+    it field by field. A bad value exits naming its variable, flag or file."""
     beside = eval_only.parent / "config.json" if eval_only and eval_only.is_file() else None
-    if beside and beside.is_file() and not (cli or cli_model):
-        return config_from(json.loads(beside.read_text(encoding="utf-8")), beside)
-    if eval_only and meta is not None:
-        return config_from(meta, eval_only / "meta.json")
-    return resolve_config(preset, cli=cli, cli_model=cli_model)
+    base, where = None, None
+    if beside and beside.is_file():
+        base, where = config_from(read_saved_json(beside), beside), beside
+    elif eval_only and meta is not None:
+        base, where = config_from(meta, eval_only / "meta.json"), eval_only / "meta.json"
+    try:
+        return resolve_config(
+            preset, env, cli, cli_model, base=base, base_source=str(where), training=eval_only is None
+        )
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None

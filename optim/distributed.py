@@ -81,6 +81,14 @@ class Dist:
         dist.broadcast_object_list(box, 0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_(self, tensors) -> None:
         """Overwrite ``tensors`` with rank 0's, in place."""
         if self.on:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .shards import read_shard, read_shard_header, resolve_shards
+from .shards import check_token_ids, read_shard, read_shard_header, resolve_shards
 
 
 class ShuffledSequenceLoader:
@@ -143,11 +143,18 @@ class ShuffledSequenceLoader:
         self.epoch, self.sequences = state["epoch"], state["sequences"]
 
 
-def load_val_tokens(files: str | os.PathLike | Sequence[str | os.PathLike], seq_len: int) -> torch.Tensor:
+def load_val_tokens(
+    files: str | os.PathLike | Sequence[str | os.PathLike], seq_len: int, vocab_size: int | None = None
+) -> torch.Tensor:
     """All validation shards concatenated, cut to usable+1 tokens with usable = floor((N-1)/seq_len)*seq_len
-    (SPEC 8.1). Returns a uint16 CPU tensor; ``usable`` = len - 1 tokens are predicted."""
+    (SPEC 8.1); with ``vocab_size`` every id of every shard is checked to be below it (ShardError naming the
+    file and the position). Returns a uint16 CPU tensor; ``usable`` = len - 1 tokens are predicted."""
     paths = resolve_shards(files, "validation shards")
-    tokens = np.concatenate([read_shard(p, mmap=False) for p in paths])
+    parts = [read_shard(p, mmap=False) for p in paths]
+    if vocab_size is not None:
+        for p, part in zip(paths, parts):
+            check_token_ids(p, vocab_size, part)
+    tokens = np.concatenate(parts)
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ValueError(

@@ -16,12 +16,13 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..metrics import ByteCounter
+from ..metrics import ByteAuditError, ByteCounter, audit_run_tables
 from .loader import load_val_tokens
 from .shards import resolve_shards
 
@@ -190,7 +191,9 @@ class RunData:
 
 
 def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, log) -> RunData:
-    """FineWeb under ``data_dir``, else the embedded corpus (``cfg``: a model.run_config.Config)."""
+    """FineWeb under ``data_dir``, else the embedded corpus (``cfg``: a model.run_config.Config). Refuses a
+    tokenizer whose piece count is not the model's vocab_size and validation ids >= vocab_size, and audits
+    the byte tables (model.metrics.audit_run_tables): a run never reports a bpb from mismatched tables."""
     import sentencepiece as spm
 
     # Every rank asks: the corpus builder holds a file lock, so a missing corpus is built once.
@@ -200,11 +203,36 @@ def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, lo
             f"the tokenizer {paths.tokenizer_model} has {paths.vocab_size} pieces but the model's vocab_size "
             f"is {vocab_size}: use matching data (--data) or --model-vocab-size {paths.vocab_size}"
         )
-    val = load_val_tokens(paths.val_pattern, cfg.eval_seq_len)
+    if paths.vocab_size < vocab_size:
+        raise SystemExit(
+            f"the tokenizer {paths.tokenizer_model} has {paths.vocab_size} pieces but the model's vocab_size "
+            f"is {vocab_size}: ids {paths.vocab_size}..{vocab_size - 1}, which the model can emit, would "
+            "count 0 bytes and make bits per byte wrong; use the tokenizer the shards were made with, or "
+            f"--model-vocab-size {paths.vocab_size}"
+        )
+    val = load_val_tokens(paths.val_pattern, cfg.eval_seq_len, vocab_size)
     if cfg.val_max_tokens > 0 and val.numel() - 1 > cfg.val_max_tokens:
         usable = (cfg.val_max_tokens // cfg.eval_seq_len) * cfg.eval_seq_len
         val = val[: usable + 1].clone()
     sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_model))
+    counter = ByteCounter(sp, vocab_size=vocab_size)
+    t0 = time.perf_counter()
+    try:
+        audit = audit_run_tables(sp, counter.luts, val)
+    except ByteAuditError as exc:
+        raise SystemExit(
+            f"the byte tables of {paths.tokenizer_model} disagree with its decoder, so bits per byte would "
+            f"be wrong: {exc}"
+        ) from None
+    audited = (
+        f"{audit.targets:,} val tokens ({audit.segments:,} documents) and every table entry"
+        if audit
+        else "not possible (no BOS in the validation stream)"
+    )
     sha = hashlib.sha256(val.numpy().tobytes()).hexdigest()
-    log(f"data: {paths.source} {paths.dataset_dir} | val tokens {val.numel() - 1:,} | val sha256 {sha[:16]}")
-    return RunData(paths, val, ByteCounter(sp, vocab_size=vocab_size), sha)
+    log(
+        f"data: {paths.source} {paths.dataset_dir} | val tokens {val.numel() - 1:,} (ids < {vocab_size}) | "
+        f"val sha256 {sha[:16]} | byte tables audited against the decoder: {audited} in "
+        f"{time.perf_counter() - t0:.2f} s"
+    )
+    return RunData(paths, val, counter, sha)

@@ -1,0 +1,132 @@
+"""A run's folder, runs/<run id>/: one run per folder, never two at once, nothing written outside --out-dir.
+
+- A run id is one folder name: "../x", "a/b" or an absolute path are refused (they would write elsewhere).
+- A folder that already holds a run (any file not hidden) is never reused: an explicit --run-id (or
+  RUN_ID) is refused; a default id (time-preset-seed) gets a fresh suffix (-2, -3, ...).
+- --resume runs/<id>/ckpt/step_N continues run <id> in its own folder (without --run-id, or with that
+  id): leftover temporary files of interrupted writes are removed, and metrics.jsonl is cut back to the
+  checkpoint's step, so that the steps after it are not there twice; train.log keeps growing.
+- The folder is locked (flock on .lock) while a run uses it: a second process is refused.
+- A run refused by the start-up checks writes nothing: a new folder is made only once they pass.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+from .atomic import atomic_write, remove_temporaries
+
+LOCK = ".lock"
+
+
+def default_run_id(preset: str, seed: int) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-s{seed}"
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id names one folder inside --out-dir."""
+    bad = not run_id or run_id in (".", "..") or "\0" in run_id
+    bad = bad or any(sep and sep in run_id for sep in ("/", os.sep, os.altsep))
+    if bad:
+        raise SystemExit(
+            f"--run-id {run_id!r}: a run id is one folder name inside --out-dir (no '/', not '.' or '..'); "
+            "pick another, e.g. --run-id my-run (use --out-dir to write elsewhere)"
+        )
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds (part of) a run: any entry but hidden ones (the lock, temporaries)."""
+    return run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir())
+
+
+def resumed_run_dir(resume: Path | None) -> Path | None:
+    """The run folder a checkpoint runs/<id>/ckpt/step_N belongs to (None: not laid out so)."""
+    if resume is None or resume.resolve().parent.name != "ckpt":
+        return None
+    return resume.resolve().parent.parent
+
+
+def choose(out_dir: str, run_id: str | None, default_id: str, resume: Path | None) -> tuple[str, Path, bool]:
+    """(run id, run folder, continuing): where this run writes, and whether it continues the run of the
+    checkpoint it resumes in that run's own folder. Refuses an id that would escape --out-dir or reuse a
+    folder that holds another run."""
+    own = resumed_run_dir(resume)
+    if run_id is None and own is not None:
+        return own.name, own, True
+    if run_id is not None:
+        check_run_id(run_id)
+        run_dir = Path(out_dir) / run_id
+        if own is not None and run_dir.resolve() == own:
+            return run_id, run_dir, True
+        if holds_a_run(run_dir):
+            hint = (
+                f" or continue it: --resume {run_dir}/ckpt/step_NNNNNN" if (run_dir / "ckpt").is_dir() else ""
+            )
+            raise SystemExit(
+                f"--run-id {run_id}: {run_dir} already holds a run; pick another --run-id (or none, for a "
+                f"fresh timestamped one){hint}. Two runs never share a folder."
+            )
+        return run_id, run_dir, False
+    run_id = default_id
+    for n in range(2, 1000):
+        if not holds_a_run(Path(out_dir) / run_id):
+            break
+        run_id = f"{default_id}-{n}"
+    return run_id, Path(out_dir) / run_id, False
+
+
+class RunFolder:
+    """The folder of a running run, locked for its lifetime (the lock goes with the process)."""
+
+    def __init__(self, run_dir: Path, continuing: bool):
+        self.run_dir, self.continuing = run_dir, continuing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(run_dir / LOCK, "a")  # noqa: SIM115 (held until the process ends)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise SystemExit(
+                f"{run_dir} is in use by another train.py process (it holds {run_dir / LOCK}); wait for "
+                "it to end, or pick another --run-id"
+            ) from None
+        if not continuing and holds_a_run(run_dir):  # another process made it since choose()
+            raise SystemExit(f"{run_dir} already holds a run; pick another --run-id")
+
+    def resume_at(self, step: int) -> tuple[list[str], list[dict]]:
+        """Tidy a continued run's folder before it resumes at ``step``: remove the temporaries of
+        interrupted writes and cut metrics.jsonl back to ``step``. Returns (log lines, kept records)."""
+        notes = []
+        files, size = remove_temporaries(self.run_dir)
+        if files:
+            notes.append(f"removed {files} temporary file(s) of interrupted writes ({size:,} bytes)")
+        kept, dropped = cut_metrics(self.run_dir / "metrics.jsonl", step)
+        if dropped:
+            notes.append(f"metrics.jsonl cut back to step {step}: {dropped} record(s) after it removed")
+        return notes, kept
+
+
+def cut_metrics(path: Path, step: int) -> tuple[list[dict], int]:
+    """Keep the metric records of steps <= ``step`` (training steps and validations); drop the rest (the
+    steps a resumed run repeats, the evaluations of an earlier end). Returns (kept records, dropped)."""
+    if not path.is_file():
+        return [], 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            dropped += 1
+            continue
+        if isinstance(rec.get("step"), int) and rec["step"] <= step and rec.get("kind") in (None, "val"):
+            kept.append(rec)
+        else:
+            dropped += 1
+    if dropped:
+        with atomic_write(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+    return kept, dropped
