@@ -57,6 +57,7 @@ CAP_EVAL_S = 600.0
 # Dense bf16 tensor-core peak by GPU name (FLOP/s), for MFU. H100/H200 SXM: 989 TFLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 FAULT_ENV = "GOLFBENCH_FAULT_NAN"  # test hook: "STEP" or "STEP:RANK" poisons that step's loss with NaN
+FAULT_EXIT_ENV = "GOLFBENCH_FAULT_EXIT"  # test hook: "STEP" or "STEP:RANK": that rank exits (1) at that step
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -604,8 +605,8 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _fault_step(rank: int) -> int | None:
-    spec = os.environ.get(FAULT_ENV)
+def _fault_step(rank: int, env: str = FAULT_ENV) -> int | None:
+    spec = os.environ.get(env)
     if not spec:
         return None
     step, _, at_rank = spec.partition(":")
@@ -917,7 +918,7 @@ class Run:
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         peak = peak_flops(gpu)
         budget = train_budget_s(cfg)
-        fault = _fault_step(pd.rank)
+        fault, exit_at = _fault_step(pd.rank), _fault_step(pd.rank, FAULT_EXIT_ENV)
         can_loop = self.model.config.num_loops > 0 and cfg.enable_looping_at >= 0
         step, stop_after, last_val = start_step, None, None
         start_elapsed = elapsed_s
@@ -950,6 +951,10 @@ class Run:
                 self.model.set_looping(True)
                 log(f"step {step} | looping on (frac {frac:.3f})")
             lr_mul, mu = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), muon_momentum(cfg, step)
+            if exit_at == step + 1:  # the test hook: die as a crashed rank would, nothing cleaned up
+                msg = f"rank {pd.rank}: {FAULT_EXIT_ENV} at step {step + 1}, time {time.time():.3f}"
+                print(msg, file=sys.stderr, flush=True)
+                os._exit(1)
             loss, norm = self.step(step + 1, lr_mul, mu, poison=fault == step + 1)
             self.ema.update()
             step += 1
