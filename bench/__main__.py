@@ -1,10 +1,11 @@
-"""python -m bench env | run | plot | gate | profile
+"""python -m bench env | run | plot | gate | profile | dist
 
 python -m bench env [--measure-ceilings] [--json]      what this machine is (and its ceilings)
 python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> results/<time>-<sha>/ JSON + CSV
 python -m bench plot RESULTS.json ... [--out DIR]      PNGs per suite and metric
 python -m bench gate [--update] [--threshold PCT]      pytest-benchmark regression gate (GPU)
 python -m bench profile [--accum N] [--looping MODE]   where one train.py step goes (torch.profiler)
+python -m bench dist [--nproc N] [--quick] [--dry-run] sharded Muon and train.py's step on N GPUs vs 1
 """
 
 from __future__ import annotations
@@ -211,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default results/profile-<UTC time>-<git sha>/)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: synthetic trace, fake times (marked)")
     p.set_defaults(func=cmd_profile)
+
+    from bench.dist import add_parser
+
+    add_parser(sub)
     return parser
 
 
