@@ -10,8 +10,9 @@ over the two that do.
 On the GPUs scoring runs as the record's does (bf16 autocast, compiled scorer) and must still equal one
 process to 1e-6: every window is scored by the same kernels on a batch of the same (padded) shape, each
 row independently, so a token's loss does not depend on which rank scored it; only the float64 sums
-are added in another order. TTT runs in fp32 there (autocast_dtype=float32): its comparison is about
-splitting and averaging, and in bf16 the per-rank gradients would round differently from one process's.
+are added in another order. TTT runs in fp32 and eager there: its comparison is about splitting and
+averaging (in bf16 the per-rank gradients would round differently from one process's), and its compiled
+scorer is the one just compared.
 "Auto" attention is pinned to PyTorch's own selection: it picks its backend by timing in each process,
 so two ranks could otherwise run different kernels.
 """
@@ -59,7 +60,7 @@ def check_evaluation(device: torch.device, chunk: int) -> dict:
         out[fn.__name__] = (alone["val_loss"], split["val_loss"])
 
     n_seqs = chunk // SEQ
-    fp32 = {"autocast_dtype": torch.float32} if device.type == "cuda" else {}
+    fp32 = {"autocast_dtype": torch.float32, "compile": False} if device.type == "cuda" else {}
     m_alone, m_split = _gpt(12, device), _gpt(12, device)
     alone = _ttt(m_alone, tokens, chunk, n_seqs, rank=0, world_size=1, **fp32)
     split = _ttt(m_split, tokens, chunk, max(1, n_seqs // world), **fp32)

@@ -3,11 +3,12 @@
 
 Gradients are small multiples of 2^-6, so their bf16 copies and the reduce-scatter sums are exact and both
 paths see bit-identical averaged gradients; what is compared is the sharding, padding, momentum and
-gathering. On the CPU both paths run the same eager fp32 maths: equal to 1e-5. On the GPUs both run
-compiled, CUDA-graphed bf16 Newton-Schulz, but in different stacks (sharded: MLP up transposed into MLP
-down's stack), so their roundings differ; the tolerance is derived as in DESIGN.md section 4: against the
-same update in float64 (fp64 momentum, textbook NS), the sharded update's relative error is at most twice
-the single-process update's (which is the bf16 NS error, ~1%).
+gathering. On the CPU both paths run the same eager fp32 maths: equal to 1e-5. On the GPUs the sharded
+path runs compiled, CUDA-graphed bf16 Newton-Schulz in its own stacks (MLP up transposed into MLP down's)
+and the single-process one the same maths in eager bf16 PyTorch, so their roundings differ; the tolerance
+is derived as in DESIGN.md section 4: against the same update in float64 (fp64 momentum, textbook NS),
+the sharded update's relative error is at most twice the single-process update's (the bf16 NS error,
+1-2%).
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def check_sharded_muon(device: torch.device) -> dict:
     sharded = [torch.nn.Parameter(w.to(device, copy=True)) for w in init]
     single = [torch.nn.Parameter(w.to(device, copy=True)) for w in init]
     opt = Muon(sharded, **kw)
-    ref = Muon(single, process_group=solo, **kw)
+    # The yardstick on the GPUs: the same maths in eager bf16 PyTorch (DESIGN.md section 4); on the CPU
+    # every path is eager anyway.
+    ref = Muon(single, process_group=solo, cuda_graph=False, **kw)
     truth = Float64Muon([w.to(device) for w in init], **kw) if cuda else None
     fresh = copy.deepcopy(opt.state_dict())
     errors = []
@@ -110,7 +113,8 @@ def check_sharded_muon(device: torch.device) -> dict:
 
     # State holds this rank's momentum shards: (padded / world) matrices each, those of the single run's
     # matrices [rank * shard, ...) (padding matrices stay zero). CPU: the same fp32 ops, bitwise equal;
-    # GPU: the two compiled graphs may round one fp32 multiply-add differently, a bf16 ulp at most.
+    # GPU: the compiled graph contracts a multiply-add that eager rounds twice: a bf16 ulp at most, or a
+    # residue of ~1e-9 where mu * buf cancels the gradient (the gradients are ~2^-6).
     for p, q, s in zip(sharded, single, shapes):
         batch = s[0] if len(s) == 3 else 1
         shard = -(-batch // world)
@@ -118,9 +122,8 @@ def check_sharded_muon(device: torch.device) -> dict:
         assert buf.shape == (shard, *s[-2:]) and buf.dtype == torch.bfloat16
         full = ref.state[q]["momentum_buffer"].reshape(batch, *s[-2:])
         lo, hi = min(rank * shard, batch), min((rank + 1) * shard, batch)
-        torch.testing.assert_close(
-            buf[: hi - lo].float(), full[lo:hi].float(), rtol=BF16_ULP if cuda else 0, atol=0
-        )
+        tol = dict(rtol=BF16_ULP, atol=1e-6) if cuda else dict(rtol=0, atol=0)  # atol: a sum that cancels
+        torch.testing.assert_close(buf[: hi - lo].float(), full[lo:hi].float(), **tol)
         assert not buf[hi - lo :].any()
 
     # Round trip, then reset: restoring the pre-priming snapshot zeroes the shard momentum.
