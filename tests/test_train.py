@@ -194,40 +194,6 @@ def test_nonfinite_guard_stops_before_the_step_naming_step_and_rank(tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fault", ["nan", "exit"], ids=["non-finite loss", "rank dies"])
-def test_a_failing_rank_stops_every_rank(tmp_path, device, fault):
-    """Rank 1 of 2 gets a non-finite loss, or dies (exit 1), at step 3: torchrun exits non-zero within
-    120 s (no hang in a collective) and the output names rank 1. Non-finite: rank 0 itself stops with the
-    guard's message (in its train.log), as every rank does. Death: torchrun's summary names the dead rank
-    and stops the other, which is blocked in a collective, within 20 s of the death (it waits 30 s before
-    it sends SIGKILL to a rank that outlives SIGTERM). The step-2 checkpoint is intact and step 3
-    left nothing behind."""
-    hook = {"nan": train.FAULT_ENV, "exit": train.FAULT_EXIT_ENV}[fault]
-    env = _clean_env(ITERATIONS=6, WARMUP_STEPS=0, COMPILE="off", OMP_NUM_THREADS=1, **{hook: "3:1"})
-    args = ["--save-every", "2", "--train-only"]
-    proc = _run(args, tmp_path, "fault", env=env, torchrun=2, check=False, device=device, timeout=180)
-    ended = time.time()
-    assert not proc.timed_out and proc.seconds < 120, proc.tail()
-    assert proc.returncode != 0, proc.tail()
-    run_dir = tmp_path / "fault"
-    if fault == "nan":
-        log = (run_dir / "train.log").read_text()
-        assert "non-finite loss or gradient at step 3 on rank(s) [1]" in log, proc.tail()
-        after_s = None
-    else:
-        died = re.search(rf"rank 1: {hook} at step 3, time ([0-9.]+)", proc.stderr)
-        assert died, proc.tail()
-        after_s = ended - float(died.group(1))
-        summary = r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*1\b"
-        assert re.search(summary, proc.stderr) and after_s < 20, (after_s, proc.tail())
-    times = {"device": device, "seconds": proc.seconds, "after_death_s": after_s}
-    report(f"a failing rank stops every rank ({fault})", times)
-    assert (run_dir / "ckpt" / "step_000002" / "meta.json").is_file()
-    assert not (run_dir / "ckpt" / "step_000003").exists() and not (run_dir / "report.json").exists()
-    assert max(_steps(run_dir)) == 2
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_two_ranks_equal_one_rank_with_accumulation_2(tmp_path, device):
     """train.py on 2 ranks (accumulation 1) against 1 rank with accumulation 2: 10 steps on the same data.
 
@@ -283,6 +249,40 @@ def test_two_ranks_equal_one_rank_with_accumulation_2(tmp_path, device):
     for phase in ("prequant", "quantized"):
         expected = one["phases"][phase]["val_loss"]
         assert evaluated["phases"][phase]["val_loss"] == pytest.approx(expected, rel=1e-6), phase
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fault", ["nan", "exit"], ids=["non-finite loss", "rank dies"])
+def test_a_failing_rank_stops_every_rank(tmp_path, device, fault):
+    """Rank 1 of 2 gets a non-finite loss, or dies (exit 1), at step 3: torchrun exits non-zero within
+    120 s (no hang in a collective) and the output names rank 1. Non-finite: rank 0 itself stops with the
+    guard's message (in its train.log), as every rank does. Death: torchrun's summary names the dead rank
+    and stops the other, which is blocked in a collective, within 20 s of the death (it waits 30 s before
+    it sends SIGKILL to a rank that outlives SIGTERM). The step-2 checkpoint is intact and step 3
+    left nothing behind."""
+    hook = {"nan": train.FAULT_ENV, "exit": train.FAULT_EXIT_ENV}[fault]
+    env = _clean_env(ITERATIONS=6, WARMUP_STEPS=0, COMPILE="off", OMP_NUM_THREADS=1, **{hook: "3:1"})
+    args = ["--save-every", "2", "--train-only"]
+    proc = _run(args, tmp_path, "fault", env=env, torchrun=2, check=False, device=device, timeout=180)
+    ended = time.time()
+    assert not proc.timed_out and proc.seconds < 120, proc.tail()
+    assert proc.returncode != 0, proc.tail()
+    run_dir = tmp_path / "fault"
+    if fault == "nan":
+        log = (run_dir / "train.log").read_text()
+        assert "non-finite loss or gradient at step 3 on rank(s) [1]" in log, proc.tail()
+        after_s = None
+    else:
+        died = re.search(rf"rank 1: {hook} at step 3, time ([0-9.]+)", proc.stderr)
+        assert died, proc.tail()
+        after_s = ended - float(died.group(1))
+        summary = r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*1\b"
+        assert re.search(summary, proc.stderr) and after_s < 20, (after_s, proc.tail())
+    times = {"device": device, "seconds": proc.seconds, "after_death_s": after_s}
+    report(f"a failing rank stops every rank ({fault})", times)
+    assert (run_dir / "ckpt" / "step_000002" / "meta.json").is_file()
+    assert not (run_dir / "ckpt" / "step_000003").exists() and not (run_dir / "report.json").exists()
+    assert max(_steps(run_dir)) == 2
 
 
 def test_config_env_and_cli_overrides():
