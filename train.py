@@ -77,11 +77,13 @@ from model.run_config import (
 )
 from model.shipped_code import code_hash, code_size
 from model.train_step import (
+    FAULT_EXIT_ENV,
     build_model,
     check_finite,
     clip_gradients,
     compile_cache,
     compile_model,
+    die_if_planted,
     fault_step,
     forward_backward,
 )
@@ -212,6 +214,7 @@ class Trainer:
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         meter = StepMeter(elapsed_s, peak_flops(gpu), pd.world, self.device)
         budget, fault = train_budget_s(cfg), fault_step(pd.rank)
+        exit_at = fault_step(pd.rank, FAULT_EXIT_ENV)
         can_loop = self.model.config.num_loops > 0 and cfg.enable_looping_at >= 0
         step, stop_after, last_val, start_elapsed = start_step, None, None, elapsed_s
         first_loss = last_loss = None
@@ -240,6 +243,7 @@ class Trainer:
                 self.model.set_looping(True)
                 log(f"step {step} | looping on (frac {frac:.3f})")
             lr_mul, mu = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), muon_momentum(cfg, step)
+            die_if_planted(exit_at, step + 1, pd.rank)
             loss, norm = self.step(step + 1, lr_mul, mu, poison=fault == step + 1)
             self.ema.update()
             step += 1
@@ -422,7 +426,7 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
         return finish()
 
     # Model and optimizers, on kernels proven here first (a failing one runs as its reference)
-    cfg, report["kernels"] = run_preflight(cfg, pd.device, pd.any, log)
+    cfg, report["kernels"] = run_preflight(cfg, pd, log)
     mcfg = model_config(cfg, pd.device)
     trainer = Trainer(cfg, pd, run_id, run_dir, log, data)
     report.update(world_size=pd.world, grad_accum_steps=trainer.accum, micro_batch_seqs=trainer.micro_seqs)

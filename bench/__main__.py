@@ -1,4 +1,4 @@
-"""python -m bench env | run | plot | gate | compare | profile | check
+"""python -m bench env | run | plot | gate | compare | profile | check | dist
 
 python -m bench env [--measure-ceilings] [--json]      what this machine is (and its ceilings)
 python -m bench run [SUITE ...] [--quick] [--dry-run]  time suites -> runs/bench/<time>-<sha>/ JSON + CSV
@@ -8,6 +8,7 @@ python -m bench compare BASE.json HEAD.json            A/B verdicts: faster / sl
 python -m bench compare --revs REV_A REV_B [SUITE ...] the same for two revisions, run alternately here
 python -m bench profile [--accum N] [--looping MODE]   where one train.py step goes (torch.profiler)
 python -m bench check [--json FILE]                    prove our kernels on this GPU before training
+python -m bench dist [--nproc N] [--quick] [--dry-run] sharded Muon and train.py's step on N GPUs vs 1
 """
 
 from __future__ import annotations
@@ -348,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.add_argument("--no-time", action="store_true", help="correctness only (no timing against references)")
     p.set_defaults(func=cmd_check)
+
+    from bench.dist import add_parser
+
+    add_parser(sub)
     return parser
 
 

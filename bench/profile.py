@@ -292,7 +292,7 @@ def family_rows(bd: dict, forms: dict, ceilings: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _annotated_step(r, ema):
+def annotated_step(r, ema):
     from torch.profiler import record_function
 
     from model.train_step import check_finite, clip_gradients, forward_backward
@@ -339,7 +339,7 @@ def profile_provider(provider: str, accum: int, modes: list[str], out: Path, war
 
     r = build(provider, accum)
     ema = EMA(r.model, r.cfg.ema_decay)
-    step = _annotated_step(r, ema)
+    step = annotated_step(r, ema)
     results = {}
     for mode in modes:
         r.model.set_looping(MODES[mode])

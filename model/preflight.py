@@ -245,19 +245,52 @@ def kernels_on_path(expected: list[str]) -> dict[str, bool]:
     return {k: all(_runtime.launches[n] > 0 for n in names[k]) for k in expected if k in names}
 
 
-def run_preflight(cfg, device: torch.device, any_rank: Callable[[bool], bool], log) -> tuple:
-    """The check before priming, as train.py runs it. Returns (cfg, record): `cfg` with every kernel whose
-    check failed on any rank switched to its reference (the MLP and CE kernels to "torch", Muon to its
-    eager step); in strict mode such a failure refuses the run instead. `record` goes into the report."""
+def one_attention_backend(cfg, pd, log):
+    """ "auto" attention chooses by timing in each process, so two ranks could run different kernels:
+    every rank takes rank 0's choice at the training shape (the eval shapes then use it too)."""
     import dataclasses
 
+    from kernels.attention import measure
+
+    from .run_config import batch_layout, model_config
+
+    mcfg = model_config(cfg, pd.device)
+    if mcfg.attn_impl != "auto" or pd.device.type != "cuda":
+        return cfg
+    shape = (
+        batch_layout(cfg, pd.world)[1],
+        cfg.train_seq_len,
+        mcfg.num_heads,
+        mcfg.num_kv_heads,
+        mcfg.head_dim,
+    )
+    dtype = getattr(torch, cfg.embed_dtype)  # the activations' dtype
+    rec = measure(shape, dtype, pd.device) if pd.main else None
+    choice = pd.broadcast_object(rec["choice"] if rec else None)
+    if rec:
+        times = ", ".join(
+            f"{k} {e['ms']:.3f} ms" if "ms" in e else f"{k} {e['status']}"
+            for k, e in rec["candidates"].items()
+        )
+        log(f"attention: {choice} on every rank ({rec['why']} at {shape}: {times})")
+    return dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "attn_impl": choice})
+
+
+def run_preflight(cfg, pd, log) -> tuple:
+    """The check before priming, as train.py runs it. Returns (cfg, record): `cfg` with one attention
+    backend for every rank and every kernel whose check failed on any rank switched to its reference
+    (the MLP and CE kernels to "torch", Muon to its eager step); in strict mode such a failure refuses
+    the run instead. `record` goes into the report."""
+    import dataclasses
+
+    cfg = one_attention_backend(cfg, pd, log)
     if cfg.preflight == "off":
         log("preflight: OFF (--preflight off): the kernels were not proven on this machine")
         return cfg, {"mode": "off", "replaced": []}
-    result = check_kernels(device)
+    result = check_kernels(pd.device)
     for line in format_table(result).splitlines():
         log(f"preflight: {line}")
-    bad = [guard for guard in ("mlp", "ce", "muon") if any_rank(guard in failed(result))]
+    bad = [guard for guard in ("mlp", "ce", "muon") if pd.any(guard in failed(result))]
     if bad and cfg.preflight == "strict":
         raise SystemExit(
             f"preflight (strict): kernel check failed for {', '.join(bad)} on this machine (table above); "
@@ -270,11 +303,8 @@ def run_preflight(cfg, device: torch.device, any_rank: Callable[[bool], bool], l
         else:
             overrides[f"{guard}_impl"] = "torch"
         log(f"preflight: WARNING: {guard} failed its check and is NOT used; its reference takes its place")
-    return dataclasses.replace(cfg, model_overrides=overrides), {
-        **result,
-        "mode": cfg.preflight,
-        "replaced": bad,
-    }
+    record = {**result, "mode": cfg.preflight, "replaced": bad}
+    return dataclasses.replace(cfg, model_overrides=overrides), record
 
 
 def confirm_on_path(record: dict, mcfg, cfg, device: torch.device, log) -> dict:
@@ -292,7 +322,9 @@ def confirm_on_path(record: dict, mcfg, cfg, device: torch.device, log) -> dict:
         "mlp": ran.get("mlp", False),
         "ce": ran.get("ce", False),
         "muon": f"{cfg.muon_impl}, {'CUDA-graphed' if graphed else 'eager'}",
-        "attention": [s["choice"] for s in kernels.attention.selections()] or [mcfg.attn_impl],
+        "attention": mcfg.attn_impl
+        if mcfg.attn_impl != "auto"
+        else [s["choice"] for s in kernels.attention.selections()],
     }
     missing = [k for k, ok in ran.items() if not ok]
     record["on_path"] = not missing

@@ -6,6 +6,8 @@ and the guard that stops before the optimizer step when a loss or gradient is no
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -17,6 +19,7 @@ from .gpt import GPT
 from .run_config import Config, model_config
 
 FAULT_ENV = "GOLFBENCH_FAULT_NAN"  # test hook: "STEP" or "STEP:RANK" poisons that step's loss with NaN
+FAULT_EXIT_ENV = "GOLFBENCH_FAULT_EXIT"  # test hook: "STEP" or "STEP:RANK": that rank dies at that step
 
 
 def build_model(cfg: Config, device: torch.device, pd: Dist | None = None) -> GPT:
@@ -64,13 +67,24 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def fault_step(rank: int) -> int | None:
-    """The step whose loss FAULT_ENV poisons on this rank (None: no fault)."""
-    spec = os.environ.get(FAULT_ENV)
+def fault_step(rank: int, env: str = FAULT_ENV) -> int | None:
+    """The step at which the test hook `env` strikes this rank (None: no fault)."""
+    spec = os.environ.get(env)
     if not spec:
         return None
     step, _, at_rank = spec.partition(":")
     return int(step) if not at_rank or int(at_rank) == rank else None
+
+
+def die_if_planted(exit_at: int | None, step: int, rank: int) -> None:
+    """FAULT_EXIT_ENV's rank death: exit as a crashed rank would, nothing cleaned up."""
+    if exit_at == step:
+        print(
+            f"rank {rank}: {FAULT_EXIT_ENV} at step {step}, time {time.time():.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
 
 def forward_backward(model_c, batches, accum: int, device, poison: bool = False) -> torch.Tensor:

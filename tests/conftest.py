@@ -4,6 +4,8 @@
 2. interpreter: real Triton kernels under TRITON_INTERPRET=1, set here when there is no CUDA,
    before any kernel module is imported (triton.jit reads the variable at decoration time).
 3. gpu: needs CUDA; skipped automatically without it. perf: only with --run-perf.
+   multigpu: needs 2+ CUDA GPUs (NCCL ranks launched with torchrun); skipped otherwise. Its checks are the
+   gloo tests' own (tests/distributed.py), so CI covers their logic on CPU processes.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if has_cuda else 0
     run_perf = config.getoption("--run-perf")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multigpu = pytest.mark.skip(reason=f"needs 2+ CUDA GPUs ({gpus} visible)")
     skip_perf = pytest.mark.skip(reason="perf gate: run with --run-perf (or python -m bench gate)")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(skip_multigpu)
         if "perf" in item.keywords and not run_perf:
             item.add_marker(skip_perf)
 

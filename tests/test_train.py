@@ -1,62 +1,67 @@
-"""train.py end to end on CPU: the tiny pipeline, eval-only, resume, the non-finite guard, gloo ranks.
+"""train.py end to end on CPU: the tiny pipeline, eval-only, resume, the non-finite guard; several ranks
+on gloo (CPU) and, in tier multigpu, on NCCL (two GPUs): 2 ranks equal 1 rank with accumulation 2, and a
+rank that dies or hits a non-finite loss stops every rank.
 
 One tiny run (module fixture, ~30 s on 2 cores) is shared by the tests that read its report, artifact
-and checkpoints. Every run is a subprocess of the real command line, with the environment cleaned of
-variables that train.py would read as config overrides.
+and checkpoints. Every run is a subprocess of the real command line, with a time limit, with the
+environment cleaned of variables that train.py would read as config overrides (NVLink multicast stays
+off: bench.launch.child_env).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import subprocess
+import re
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from bench.launch import child_env, run, torchrun_command
 from model import checkpoint, run_config
-from model.train_step import FAULT_ENV
+from model.train_step import FAULT_ENV, FAULT_EXIT_ENV
 from optim.distributed import Dist
+from tests.distributed import report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SAVE_EVERY = 60  # the tiny preset runs 120 steps: checkpoints at 60 and 120
+# Several ranks: gloo processes on the CPU (CI), NCCL on two GPUs (tier multigpu)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.multigpu)]
 
 
 def _clean_env(**extra) -> dict:
     names = {f.name.upper() for f in dataclasses.fields(run_config.Config)}
     names |= {n.upper() for n in run_config.model_fields()}
-    env = {k: v for k, v in os.environ.items() if k not in names and k not in ("RUN_ID", FAULT_ENV)}
+    names |= {"RUN_ID", FAULT_ENV, FAULT_EXIT_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in names}
     env.pop("TRITON_INTERPRET", None)  # train.py uses the torch reference on CPU anyway
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return child_env(env, **extra)
 
 
-def _run(args: list[str], out_dir: Path, run_id: str, env=None, torchrun: int = 0, check: bool = True):
-    cmd = [sys.executable]
-    if torchrun:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    cmd += [
-        "train.py",
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--out-dir",
-        str(out_dir),
-        "--run-id",
-        run_id,
-        *args,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or _clean_env(), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
+def _run(
+    args: list[str],
+    out_dir: Path,
+    run_id: str,
+    env=None,
+    torchrun: int = 0,
+    check: bool = True,
+    device: str = "cpu",
+    timeout: float = 600,
+):
+    target = ["train.py", "--preset", "tiny", "--device", device, "--out-dir", str(out_dir), "--run-id"]
+    target += [run_id, *args]
+    cmd = torchrun_command(torchrun, target) if torchrun else [sys.executable, *target]
+    proc = run(cmd, env=env or _clean_env(), timeout=timeout, cwd=ROOT)
+    if check and (proc.returncode != 0 or proc.timed_out):
+        raise AssertionError(f"{' '.join(cmd)} failed: {proc.tail()}")
     return proc
 
 
@@ -93,8 +98,12 @@ def test_tiny_run_end_to_end(tiny_run):
         r = rep["phases"][phase]
         assert math.isfinite(r["val_loss"]) and 0 < r["val_bpb"] < 4, (phase, r)
         assert r["seconds"] > 0
-    # quantisation costs a little; TTT adapts on already-scored chunks and must not be worse than sliding
-    assert rep["phases"]["quantized"]["val_loss"] >= rep["phases"]["prequant"]["val_loss"] - 1e-3
+    # int6 GPTQ moves the loss a little: up by at most 0.02 nats; on this undertrained tiny model it can
+    # also land a hair below (measured -0.0014 on the 9.2 M-token corpus), never by more than 0.005.
+    # Exactly equal would mean the artifact was not quantized at all.
+    shift = rep["phases"]["quantized"]["val_loss"] - rep["phases"]["prequant"]["val_loss"]
+    assert shift != 0 and -5e-3 <= shift <= 2e-2, shift
+    # TTT adapts on already-scored chunks and must not be worse than sliding
     assert rep["phases"]["ttt"]["val_loss"] < rep["phases"]["sliding"]["val_loss"] + 1e-2
     assert rep["final"]["phase"] == "ttt" and rep["val_bpb"] == rep["phases"]["ttt"]["val_bpb"]
 
@@ -214,35 +223,100 @@ def test_preflight_replaces_a_planted_wrong_kernel_or_refuses_in_strict_mode(tmp
     assert rep["kernels"]["mode"] == "off" and rep["compliance"]["kernels_used"]["status"] == "N/A"
 
 
-def test_two_gloo_processes_equal_one_process_with_accumulation_2(tmp_path):
-    # Clipping is per rank on the local gradient (SPEC 5.6), which differs from clipping the averaged
-    # gradient of one process; an unreachable threshold keeps the clip code path but not its effect.
-    common = dict(ITERATIONS=4, WARMUP_STEPS=1, GRAD_CLIP_NORM=1e9, TRAIN_LOG_EVERY=1)
-    _run(["--train-only", "--save-every", "4"], tmp_path, "one", env=_clean_env(GRAD_ACCUM_STEPS=2, **common))
-    _run(
-        ["--train-only", "--save-every", "4"],
-        tmp_path,
-        "two",
-        env=_clean_env(GRAD_ACCUM_STEPS=1, OMP_NUM_THREADS=1, **common),
-        torchrun=2,
-    )
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_equal_one_rank_with_accumulation_2(tmp_path, device):
+    """train.py on 2 ranks (accumulation 1) against 1 rank with accumulation 2: 10 steps on the same data.
+
+    Step 1 equal to 1e-6: the same initial weights and micro-batches, each through the same kernels (the
+    attention backend is pinned: "auto" chooses by timing in each process, so ranks could differ), only the
+    mean of the two losses formed elsewhere. Later steps differ by rounding alone: the sharded Muon reduces
+    the bank gradients in bf16 (one process keeps them fp32; a relative 2^-9 per element, twice) and the
+    replicated gradients are summed in another order. On the CPU that moved the losses of 10 steps by at
+    most 1.5e-4; the bound 2e-3 leaves room for the GPU's bf16 forward, whose roundings follow the weights.
+    Clipping is per rank on the local gradient (SPEC 5.6), which differs from clipping the averaged gradient
+    of one process; an unreachable threshold keeps the clip code path but not its effect. The model runs
+    eager (COMPILE=off): compilation changes nothing between the layouts, and it costs minutes a run.
+
+    The artifact: the two runs' weights differ by those roundings, so their artifacts are not comparable
+    byte for byte. So the 1-rank run's final weights (model and EMA of its step-10 checkpoint, written into
+    the 2-rank checkpoint) go through the post-training path on 2 ranks (--eval-only): the artifact must be
+    the very bytes the 1-rank run wrote, and the pre- and post-quantisation evaluations the same numbers.
+    """
+    steps = 10
+    common = dict(
+        ITERATIONS=steps, WARMUP_STEPS=1, GRAD_CLIP_NORM=1e9, TRAIN_LOG_EVERY=1, COMPILE="off",
+        ATTN_IMPL="sdpa", TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0,  # TTT and sliding: their own test
+    )  # fmt: skip
+    save, kw = ["--save-every", str(steps)], dict(device=device, timeout=300)
+    _run(save, tmp_path, "one", env=_clean_env(GRAD_ACCUM_STEPS=2, **common), **kw)
+    two_env = _clean_env(GRAD_ACCUM_STEPS=1, OMP_NUM_THREADS=1, **common)
+    _run([*save, "--train-only"], tmp_path, "two", env=two_env, torchrun=2, **kw)
     one, two = _report(tmp_path / "one"), _report(tmp_path / "two")
     assert (one["world_size"], one["grad_accum_steps"]) == (1, 2)
     assert (two["world_size"], two["grad_accum_steps"]) == (2, 1)
-    assert one["config"]["iterations"] == two["config"]["iterations"] == 4  # env overrides reached the run
+    assert one["config"]["iterations"] == two["config"]["iterations"] == steps  # env overrides reached it
     a, b = _steps(tmp_path / "one"), _steps(tmp_path / "two")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    assert a[1]["loss"] == pytest.approx(b[1]["loss"], abs=1e-5)  # same data, same initial weights
-    for s in a:  # the sharded Muon reduces gradients in bf16: small differences after the first step
-        assert a[s]["loss"] == pytest.approx(b[s]["loss"], abs=2e-3), s
-    wa = torch.load(tmp_path / "one" / "ckpt" / "step_000004" / "rank0.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "two" / "ckpt" / "step_000004" / "rank0.pt", weights_only=False)["model"]
-    for k in wa:
-        if k.endswith("_bank"):  # Muon: updates orthogonalised, differences stay at bf16 rounding
-            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-3, msg=k)
-        else:  # AdamW normalises near-zero gradients to +-lr: compare relative Frobenius error
-            rel = (wa[k].float() - wb[k].float()).norm() / wa[k].float().norm()
-            assert rel < 2e-2, (k, rel.item())
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    diffs = {s: abs(a[s]["loss"] - b[s]["loss"]) for s in a}
+    report("train.py 2 ranks == 1 rank accum 2", {"device": device, "loss_diffs": diffs})
+    assert b[1]["loss"] == pytest.approx(a[1]["loss"], rel=1e-6)  # same data, same initial weights
+    assert max(diffs.values()) <= 2e-3, diffs
+    assert a[steps]["loss"] < a[1]["loss"] - 0.1  # it trained
+
+    ckpt = Path("ckpt") / f"step_{steps:06d}"
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "two" / ckpt, mixed)
+    weights = torch.load(tmp_path / "one" / ckpt / "rank0.pt", map_location="cpu", weights_only=False)
+    payload = torch.load(mixed / "rank0.pt", map_location="cpu", weights_only=False)
+    payload.update({k: weights[k] for k in ("model", "ema", "looping")})
+    torch.save(payload, mixed / "rank0.pt")
+    data = (mixed / "rank0.pt").read_bytes()  # a deliberate edit: its checksum in meta.json follows it
+    meta = json.loads((mixed / "meta.json").read_text())
+    meta["files"]["rank0.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (mixed / "meta.json").write_text(json.dumps(meta))
+    eval_env = _clean_env(OMP_NUM_THREADS=1)
+    _run(["--eval-only", str(mixed)], tmp_path, "two-eval", env=eval_env, torchrun=2, **kw)
+    evaluated = _report(tmp_path / "two-eval")
+    assert evaluated["world_size"] == 2
+    artifact = (tmp_path / "two-eval" / "final_model.ptz").read_bytes()
+    assert artifact == (tmp_path / "one" / "final_model.ptz").read_bytes()
+    for phase in ("prequant", "quantized"):
+        expected = one["phases"][phase]["val_loss"]
+        assert evaluated["phases"][phase]["val_loss"] == pytest.approx(expected, rel=1e-6), phase
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fault", ["nan", "exit"], ids=["non-finite loss", "rank dies"])
+def test_a_failing_rank_stops_every_rank(tmp_path, device, fault):
+    """Rank 1 of 2 gets a non-finite loss, or dies (exit 1), at step 3: torchrun exits non-zero within
+    120 s (no hang in a collective) and the output names rank 1. Non-finite: rank 0 itself stops with the
+    guard's message (in its train.log), as every rank does. Death: torchrun's summary names the dead rank
+    and stops the other, which is blocked in a collective, within 20 s of the death (it waits 30 s before
+    it sends SIGKILL to a rank that outlives SIGTERM). The step-2 checkpoint is intact and step 3
+    left nothing behind."""
+    hook = {"nan": FAULT_ENV, "exit": FAULT_EXIT_ENV}[fault]
+    env = _clean_env(ITERATIONS=6, WARMUP_STEPS=0, COMPILE="off", OMP_NUM_THREADS=1, **{hook: "3:1"})
+    args = ["--save-every", "2", "--train-only"]
+    proc = _run(args, tmp_path, "fault", env=env, torchrun=2, check=False, device=device, timeout=180)
+    ended = time.time()
+    assert not proc.timed_out and proc.seconds < 120, proc.tail()
+    assert proc.returncode != 0, proc.tail()
+    run_dir = tmp_path / "fault"
+    if fault == "nan":
+        log = (run_dir / "train.log").read_text()
+        assert "non-finite loss or gradient at step 3 on rank(s) [1]" in log, proc.tail()
+        after_s = None
+    else:
+        died = re.search(rf"rank 1: {hook} at step 3, time ([0-9.]+)", proc.stderr)
+        assert died, proc.tail()
+        after_s = ended - float(died.group(1))
+        summary = r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*1\b"
+        assert re.search(summary, proc.stderr) and after_s < 20, (after_s, proc.tail())
+    times = {"device": device, "seconds": proc.seconds, "after_death_s": after_s}
+    report(f"a failing rank stops every rank ({fault})", times)
+    assert (run_dir / "ckpt" / "step_000002" / "meta.json").is_file()
+    assert not (run_dir / "ckpt" / "step_000003").exists() and not (run_dir / "report.json").exists()
+    assert max(_steps(run_dir)) == 2
 
 
 def test_config_env_and_cli_overrides():

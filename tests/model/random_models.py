@@ -10,11 +10,12 @@ from model.config import get_config
 from model.gpt import GPT
 
 
-def random_gpt(seed: int = 0, looping: bool = False) -> GPT:
+def random_gpt(seed: int = 0, looping: bool = False, **config) -> GPT:
     """The tiny preset with every matrix drawn N(0, 1/fan_in): activations are correlated and context
-    matters (at init the model predicts ~uniformly). Reference kernels, so CPU tests stay fast."""
+    matters (at init the model predicts ~uniformly). Reference kernels, so CPU tests stay fast; `config`
+    overrides GPTConfig fields."""
     torch.manual_seed(seed)
-    m = GPT(get_config("tiny", mlp_impl="torch", ce_impl="torch"))
+    m = GPT(get_config("tiny", **{"mlp_impl": "torch", "ce_impl": "torch", **config}))
     with torch.no_grad():
         for p in m.parameters():
             if p.ndim >= 2:

@@ -94,3 +94,31 @@ def test_bench_check_cli_exit_codes():
     assert "mlp_fwd  pass" in ok.stdout
     bad = _bench_check({_runtime.FAULT_KERNEL_ENV: "mlp"})
     assert bad.returncode == 1 and "FAILED: mlp_fwd, mlp_bwd" in bad.stdout
+
+
+def test_every_rank_takes_rank_0s_attention_backend(monkeypatch):
+    """ "auto" measures per process; train.py pins rank 0's choice (at the training shape) on every rank."""
+    from types import SimpleNamespace
+
+    import kernels.attention
+    from model.run_config import model_config, resolve_config
+
+    cfg = resolve_config("record", env={})
+    shapes = []
+
+    def fake_measure(shape, dtype, device):
+        shapes.append((shape, dtype))
+        return {"choice": "cudnn", "why": "fastest", "candidates": {"cudnn": {"status": "ok", "ms": 1.0}}}
+
+    monkeypatch.setattr(kernels.attention, "measure", fake_measure)
+    logs = []
+    for rank, expected_calls in ((0, 1), (1, 1)):  # rank 1 measures nothing and gets rank 0's answer
+        pd = SimpleNamespace(device=torch.device("cuda"), world=2, main=rank == 0,
+                             broadcast_object=lambda obj: "cudnn")  # fmt: skip
+        pinned = preflight.one_attention_backend(cfg, pd, logs.append)
+        assert model_config(pinned, pd.device).attn_impl == "cudnn"
+        assert len(shapes) == expected_calls
+    assert shapes[0] == ((48, 2048, 8, 4, 64), torch.bfloat16)  # the record's micro-batch at world 2
+    assert any("cudnn on every rank" in line for line in logs)
+    cpu = SimpleNamespace(device=torch.device("cpu"), world=1, main=True, broadcast_object=lambda o: o)
+    assert preflight.one_attention_backend(cfg, cpu, logs.append) is cfg  # CPU: PyTorch's own pick
