@@ -68,20 +68,19 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     accum, _ = batch_layout(cfg, pd.world)
     check_memory(cfg, mcfg, pd, accum, eval_only is not None, args.device, args.allow_large_cpu, log)
 
-    decision = None
-    if pd.main:  # rank 0 looks at the folder; every rank gets its answer
+    decision, folder = None, None
+    if pd.main:  # rank 0 looks at the folder (and locks a continued run's); every rank gets its answer
         try:
             decision = choose(args.out_dir, args.run_id, default_run_id(args.preset, cfg.seed), resume)
+            if decision[2]:  # its log exists: what goes wrong from here on lands in it too
+                folder = RunFolder(decision[1], continuing=True)
+                log.attach(decision[1])
         except SystemExit as exc:
             decision = str(exc.code)
     decision = pd.broadcast_object(decision)
     if isinstance(decision, str):
         raise SystemExit(decision)
     run_id, run_dir, continuing = decision
-    folder = None
-    if continuing and pd.main:  # its log exists: what goes wrong from here on lands in it too
-        folder = RunFolder(run_dir, continuing=True)
-        log.attach(run_dir)
 
     saved = resume or (eval_only if eval_only and eval_only.is_dir() else None)
     notes = _on_every_rank(
@@ -89,20 +88,25 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     )
     if notes:
         log(f"WARNING: {notes}")
-    if eval_only and eval_only.is_file() and pd.main:
-        check_artifact(eval_only, mcfg)
+    artifact = eval_only if eval_only and eval_only.is_file() and pd.main else None
+    _on_every_rank(pd, lambda: check_artifact(artifact, mcfg) if artifact else None)
     data = _on_every_rank(pd, lambda: _load_data(cfg, args.data, mcfg.vocab_size, pd, accum, log))
 
-    if pd.main:
+    def open_folder() -> RunFolder | None:
+        if not pd.main:
+            return None
         if folder is None:
-            folder = RunFolder(run_dir, continuing=False)
+            made = RunFolder(run_dir, continuing=False)
             log.attach(run_dir)
-        elif resume is not None:
+            return made
+        if resume is not None:
             lines, kept = folder.resume_at(meta["step"])
             for line in lines:
                 log(f"run folder: {line}")
             log.records = kept  # the plots cover the whole run
-    pd.barrier()
+        return folder
+
+    folder = _on_every_rank(pd, open_folder)  # a refusal on rank 0 (folder taken) stops every rank
     seconds = time.perf_counter() - t0
     log(f"start-up checks passed in {seconds:.2f} s (config, paths, memory, run folder, data, byte tables)")
     return Startup(cfg, mcfg, data, run_id, run_dir, folder, eval_only, resume, meta)

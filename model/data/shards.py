@@ -127,9 +127,10 @@ def check_token_ids(path: str | os.PathLike, vocab_size: int, tokens: np.ndarray
             path,
             f"token id {int(arr[pos])} >= vocab size {vocab_size} at position {pos:,} "
             f"({int(bad.sum()):,} of {arr.size:,} ids out of range, the largest {int(arr.max())})",
-            f"the shard was tokenized for another vocabulary or is damaged: use data of a {vocab_size}-piece "
-            "tokenizer (python -m model.data download --variant spN / build-corpus --vocab-size N), or a "
-            "model of the data's vocabulary (--model-vocab-size)",
+            "the shard was tokenized for another vocabulary or is damaged: fetch data of a "
+            f"{vocab_size}-piece tokenizer (python -m model.data download --variant sp{vocab_size}, or "
+            f"build-corpus --vocab-size {vocab_size}), or give the model the data's vocabulary "
+            "(--model-vocab-size)",
         )
     return int(arr.size)
 
