@@ -437,9 +437,8 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
         f"kernels mlp={mcfg.mlp_impl} ce={mcfg.ce_impl} | muon {cfg.muon_impl} | "
         f"compiled {trainer.model_c is not trainer.model}"
     )
-    parts = dict(model=trainer.model, ema=trainer.ema, opts=trainer.opts)
     if eval_only:  # a checkpoint directory: evaluate its EMA weights through the whole post-training path
-        checkpoint.load_checkpoint(eval_only, pd, **parts)
+        checkpoint.load_checkpoint(eval_only, pd, model=trainer.model, ema=trainer.ema)  # weights only
         reasons.append("evaluation of a checkpoint, not a full run")
     else:
         start_step, elapsed = 0, 0.0
@@ -450,7 +449,9 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
             if not meta.get("record_eligible", True):
                 reasons.append("the resumed run was already non-record")
             trainer.non_record = reasons
-            payload = checkpoint.load_checkpoint(resume, pd, **parts)
+            payload = checkpoint.load_checkpoint(
+                resume, pd, model=trainer.model, ema=trainer.ema, opts=trainer.opts
+            )
             start_step, elapsed = meta["step"], meta["elapsed_s"]
             log(f"resumed from {resume}: step {start_step}, {elapsed:.1f} s of training")
         # Priming (untimed), then the loop

@@ -25,6 +25,9 @@ Figures (OUT/dist.json, the printed table, OUT/dist.png)
                  % of the timed step t_step(N). Target <= 5%.
   8 GPUs         an ESTIMATE, not a measurement: bench.comm.estimate_scaling from the measured times and
                  the bytes each rank sends per step (bench.comm.step_volume)
+
+Over 500 lines on purpose: the command, the worker it launches under torchrun and the figures they pass
+between them are one protocol, kept in one file so that both sides change together.
 """
 
 from __future__ import annotations

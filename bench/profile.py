@@ -28,6 +28,9 @@ ceiling, bytes / copy ceiling), divided by the measured time). Elementwise and i
 Outputs (--out): profile.json, profile.csv, profile.png (stacked bars, ours beside the reference)
 and trace-<provider>-<mode>.json.gz per profiled step (open in https://ui.perfetto.dev).
 --dry-run walks the same path on a CPU with a synthetic trace and fake times, marked FAKE.
+
+Over 500 lines on purpose: the family rules, the FLOP/byte formulas and the trace parser must agree on
+every family name, and the synthetic trace of --dry-run is built from the same rules.
 """
 
 from __future__ import annotations

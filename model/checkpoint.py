@@ -239,16 +239,22 @@ def check_resume(meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> 
     return problems
 
 
-def load_checkpoint(path: Path, pd: Dist, *, model, ema, opts) -> dict:
-    """Weights, EMA and loop mode (from rank 0's file, broadcast) and this rank's optimizer states, each
-    file checked against its checksum first. Returns this rank's payload: its "loaders" are restored by
-    the caller once priming is done."""
-    verify_checkpoint_file(path, pd.rank, read_checkpoint_meta(path))
-    payload = torch.load(path / f"rank{pd.rank}.pt", map_location=pd.device, weights_only=False)
+def load_checkpoint(path: Path, pd: Dist, *, model, ema, opts=None) -> dict | None:
+    """Weights, EMA and loop mode (from rank 0's file, broadcast) and, with `opts`, this rank's optimizer
+    states; each file is checked against its checksum first. Without `opts` (evaluating a checkpoint) only
+    rank 0's file is read, so any number of processes can evaluate it. Returns this rank's payload (None
+    on the other ranks without `opts`): its "loaders" are restored by the caller once priming is done."""
+    meta = read_checkpoint_meta(path)
+    payload = None
+    if opts is not None or pd.main:
+        rank = pd.rank if opts is not None else 0
+        verify_checkpoint_file(path, rank, meta)
+        payload = torch.load(path / f"rank{rank}.pt", map_location=pd.device, weights_only=False)
     if pd.main:
         model.load_state_dict(payload["model"])
         ema.load_state_dict(payload["ema"])
     pd.broadcast_(list(model.state_dict().values()) + list(ema.shadow.values()))
     model.set_looping(pd.broadcast_object(bool(payload["looping"]) if pd.main else False))
-    opts.load_state_dict(payload["optimizers"])
+    if opts is not None:
+        opts.load_state_dict(payload["optimizers"])
     return payload

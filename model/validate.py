@@ -82,9 +82,11 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
         raise SystemExit(decision)
     run_id, run_dir, continuing = decision
 
-    saved = resume or (eval_only if eval_only and eval_only.is_dir() else None)
+    # resuming reads every rank's file; evaluating a checkpoint reads rank 0's weights alone (any world size)
+    saved = resume or (eval_only if eval_only and eval_only.is_dir() and pd.main else None)
+    rank_file = pd.rank if resume else 0
     notes = _on_every_rank(
-        pd, lambda: checkpoint.verify_checkpoint_file(saved, pd.rank, meta) if saved else None
+        pd, lambda: checkpoint.verify_checkpoint_file(saved, rank_file, meta) if saved else None
     )
     if notes:
         log(f"WARNING: {notes}")

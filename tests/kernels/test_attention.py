@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -166,3 +168,14 @@ def test_auto_can_measure_inside_inference_mode():
     with torch.inference_mode():
         rec = attn.measure((1, 16, 2, 1, 8), torch.float32, torch.device("cpu"), ("math", "flash"))
     assert {e["status"] for e in rec["candidates"].values()} == {"ok"}
+
+
+@pytest.mark.gpu
+def test_gpu_measurement_is_quiet():
+    """A candidate that cannot take the inputs is recorded with its reason, not warned about on stderr
+    (PyTorch warns per forced backend it rejects: a train.py log would repeat them for every shape)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = attn.measure((1, 256, 8, 4, 64), torch.bfloat16, torch.device("cuda"))
+    assert any(e["status"] == "unavailable" for e in rec["candidates"].values()), rec  # e.g. efficient GQA
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
