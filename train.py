@@ -16,7 +16,8 @@ bytes, times, throughput, a compliance block), submission.json (the challenge's 
 throughput.png, and final_model.ptz (the artifact). Bad input is refused before anything is built or written
 (model/validate.py; README "What a bad input gets").
 
---eval-only with an artifact uses the config.json its run wrote beside it (env and flags override it).
+--eval-only with an artifact uses the config.json its run wrote beside it (env and flags override it);
+with a checkpoint directory, its meta.json's config and rank 0's weights, on any number of processes.
 
 Configuration: model/run_config.py's `Config` holds the #1523 hyperparameters (SPEC.md Appendix A); a
 preset (`record`, `tiny`) is overridden by environment variables named like the fields in upper case
