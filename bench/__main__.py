@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from bench.env import collect_env, format_env
+from bench.env import collect_env, format_env, output_folder
 from bench.registry import SUITES
 
 
@@ -150,7 +150,7 @@ def cmd_run(args) -> int:
 
     results = make_results(env, records)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out) if args.out else Path("runs") / "bench" / f"{stamp}-{env['git']['short_sha']}"
+    out = Path(args.out) if args.out else output_folder("", env["git"]["short_sha"], now)
     stem = "results" if not (out / "results.json").exists() else f"results-{stamp}"
     json_path, csv_path = write_results(results, out, stem)
     print(f"wrote {json_path} and {csv_path}")
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--confidence", type=float, default=0.95, help="bootstrap interval level (0.95)")
     p.add_argument("--baselines", help=f"where the threshold files are (default {BASELINES_DIR})")
-    p.add_argument("--out", help="output folder (default results/compare-<UTC time>-<shas>/)")
+    p.add_argument("--out", help="output folder (default runs/bench/compare-<UTC time>-<shas>/)")
     p.add_argument("--force", action="store_true", help="compare even across GPU models, suite versions ...")
     p.set_defaults(func=cmd_compare)
 

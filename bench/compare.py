@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from bench.env import output_folder
 from bench.noise import change_pct, gpu_of, record_key, suite_thresholds
+from model.atomic import atomic_write
 
 SCHEMA = "golfbench.compare/1"
 RESAMPLES = 2000
@@ -401,9 +402,8 @@ def write_comparison(comp: dict, out_dir: str | Path) -> list[Path]:
         ("comparison.json", json.dumps(comp, indent=1) + "\n"),
         ("comparison.txt", format_comparison(comp) + "\n"),
     ):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        with atomic_write(out / name, "w") as fh:
+            fh.write(text)
         written.append(out / name)
     png = plot_comparison(comp, out / "comparison.png")
     if png:
@@ -411,9 +411,8 @@ def write_comparison(comp: dict, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def default_out(comp_or_label: str) -> Path:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("runs") / "bench" / f"compare-{stamp}-{comp_or_label}"
+def default_out(label: str) -> Path:
+    return output_folder("compare", label)
 
 
 def report(comp: dict, out_dir: str | Path | None, say=print) -> int:

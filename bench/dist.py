@@ -36,7 +36,6 @@ import argparse
 import datetime as dt
 import gzip
 import json
-import os
 import shutil
 import sys
 import time
@@ -283,7 +282,8 @@ def measure_train(ctx, modes: list[str]) -> dict:
 
 def worker(argv=None) -> int:
     import torch
-    import torch.distributed as dist
+
+    from optim.distributed import setup_processes
 
     p = argparse.ArgumentParser(prog="python -m bench.dist --worker")
     p.add_argument("--worker", action="store_true")
@@ -295,43 +295,33 @@ def worker(argv=None) -> int:
     p.add_argument("--trace-dir", default=None)
     p.add_argument("--keep-traces", action="store_true")
     args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = not args.dry_run
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    pd = setup_processes("cpu" if args.dry_run else "cuda")  # train.py's process setup
+    if not args.dry_run:
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     ctx = SimpleNamespace(
-        rank=rank, world=world, local_rank=local_rank, device=device, dry=args.dry_run,
+        rank=pd.rank, world=pd.world, local_rank=pd.local_rank, device=pd.device, dry=args.dry_run,
         settings=_settings(args.quick, args.dry_run), keep_traces=args.keep_traces,
         trace_dir=args.trace_dir or str(Path(args.result).parent),
     )  # fmt: skip
+    world, rank = pd.world, pd.rank
     try:
         parts = args.parts.split(",")
-        result = {"rank": rank, "world": world, "device": str(device), "settings": ctx.settings}
-        if cuda:
-            result["gpu"] = torch.cuda.get_device_name(device)
+        result = {"rank": rank, "world": world, "device": str(pd.device), "settings": ctx.settings}
+        if not args.dry_run:
+            result["gpu"] = torch.cuda.get_device_name(pd.device)
         if "muon" in parts:
             print(f"[bench dist] world {world} rank {rank}: Muon.step()", flush=True)
             result["muon"] = measure_muon(ctx)
         if "train" in parts:
             print(f"[bench dist] world {world} rank {rank}: train step (compiles each loop mode)", flush=True)
             result["train"] = measure_train(ctx, args.modes.split(","))
-        results = [result]
-        if world > 1:
-            results = [None] * world
-            dist.all_gather_object(results, result)
-        if rank == 0:
+        results = pd.all_gather_object(result)
+        if pd.main:
             Path(args.result).write_text(json.dumps({"world": world, "ranks": results}, default=str) + "\n")
-        if world > 1:
-            dist.barrier()
+        pd.barrier()
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        pd.close()
     return 0
 
 
@@ -487,7 +477,7 @@ def _plot(path: Path, result: dict) -> None:
 def run_dist(args) -> int:
     import torch
 
-    from bench.env import collect_env
+    from bench.env import collect_env, output_folder
     from bench.launch import child_env, run, torchrun_command
 
     env = collect_env()
@@ -501,11 +491,7 @@ def run_dist(args) -> int:
         print(f"bench dist: needs at least 2 GPUs (--nproc {n}); nothing was measured.")
         return 0 if args.nproc is None else 2
     now = dt.datetime.now(dt.timezone.utc)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("results") / f"dist-{now:%Y%m%dT%H%M%SZ}-{env['git']['short_sha']}"
-    )
+    out = Path(args.out) if args.out else output_folder("dist", env["git"]["short_sha"], now)
     out.mkdir(parents=True, exist_ok=True)
     modes = ["flat", "looped"] if args.modes == "both" else [args.modes]
     common = ["--worker", "--modes", ",".join(modes), "--parts", args.parts, "--trace-dir", str(out)]
@@ -572,7 +558,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer timed steps")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds for each of the two launches")
     p.add_argument("--keep-traces", action="store_true", help="keep the profiled traces under --out")
-    p.add_argument("--out", help="output folder (default results/dist-<UTC time>-<git sha>/)")
+    p.add_argument("--out", help="output folder (default runs/bench/dist-<UTC time>-<git sha>/)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: gloo ranks on the CPU, tiny sizes, FAKE")
     p.set_defaults(func=run_dist)
 

@@ -7,6 +7,7 @@ from the same pieces. Measured ceilings come from bench.harness.measure_ceilings
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import platform
 import shutil
@@ -29,6 +30,13 @@ DATASHEET_PEAKS: list[tuple[tuple[str, ...], dict]] = [
     (("H200",), {"model": "H200 SXM", "bf16_tflops": 989.0, "hbm_tbps": 4.8}),
     (("A100",), {"model": "A100", "bf16_tflops": 312.0, "hbm_tbps": 1.555}),  # 40 GB; the 80 GB has 2.0
 ]
+
+
+def output_folder(kind: str, label: str, now: dt.datetime | None = None) -> Path:
+    """runs/bench/[<kind>-]<UTC time>-<label>/: the one default home of every bench command's outputs
+    (train.py's runs are beside it under runs/)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return Path("runs") / "bench" / f"{kind + '-' if kind else ''}{now:%Y%m%dT%H%M%SZ}-{label}"
 
 
 def datasheet_peaks(gpu_name: str | None) -> dict | None:

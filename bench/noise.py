@@ -30,10 +30,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 from pathlib import Path
 
 from bench.env import REPO_ROOT, gpu_slug
+from model.atomic import atomic_write
 
 # Allowed slowdown of a median before the gate fails / compare says "slower", in percent, where no
 # threshold was derived for the GPU. Set from the noise floor measured on the H100 on 2026-11-24: two
@@ -178,9 +178,8 @@ def derive(
 def write_thresholds(data: dict, baselines: str | Path = BASELINES_DIR) -> Path:
     path = threshold_path(data["gpu"], baselines)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(json.dumps(data, indent=1) + "\n")
     return path
 
 

@@ -488,7 +488,7 @@ def fake_provider(provider: str, accum: int, modes: list[str], out: Path, ceilin
 
 def run_profile(args) -> int:
     from bench import harness
-    from bench.env import collect_env
+    from bench.env import collect_env, output_folder
     from model import GPTConfig
 
     env = collect_env()
@@ -503,11 +503,7 @@ def run_profile(args) -> int:
         print(f"bench profile: unknown provider(s) {unknown}; choose from {PROVIDERS}")
         return 2
     now = dt.datetime.now(dt.timezone.utc)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / "bench" / f"profile-{now:%Y%m%dT%H%M%SZ}-{env['git']['short_sha']}"
-    )
+    out = Path(args.out) if args.out else output_folder("profile", env["git"]["short_sha"], now)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     ceilings = harness.measure_ceilings(fake=args.dry_run)

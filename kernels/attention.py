@@ -228,7 +228,8 @@ def selections() -> list[dict]:
 
 
 @functools.cache
-def _forced_blocker(impl: str, h: int, hkv: int, d: int, dtype_name: str, device_type: str) -> str | None:
+def unavailable_reason(impl: str, h: int, hkv: int, d: int, dtype_name: str, device_type: str) -> str | None:
+    """Why backend `impl` cannot run (or runs wrong) here for these heads and dtype; None if it can."""
     device = torch.device(device_type)
     if impl == "fa3" and _fa3_func is None:
         return "flash_attn_interface (FlashAttention-3) is not importable"
@@ -239,7 +240,7 @@ def _forced_blocker(impl: str, h: int, hkv: int, d: int, dtype_name: str, device
 
 @torch.compiler.assume_constant_result
 def _check_forced(impl: str, h: int, hkv: int, d: int, dtype_name: str, device_type: str) -> str:
-    reason = _forced_blocker(impl, h, hkv, d, dtype_name, device_type)
+    reason = unavailable_reason(impl, h, hkv, d, dtype_name, device_type)
     if reason is not None:
         raise ValueError(f"causal_attention(impl={impl!r}) cannot run here: {reason}")
     return impl

@@ -29,9 +29,6 @@ un-averaged gradients. Every momentum buffer (the shard buffers included) is `op
 `state_dict()` / `load_state_dict()` round-trip it and restoring a snapshot resets it (SPEC 10 item 12).
 In the sharded case a rank's state holds its own shard, so a state dict loads back at the same world size.
 
-Over 500 lines on purpose: the single-process and the sharded step share the per-group maths, the state
-layout and the graph capture; split in two, each half would reach into the other's internals.
-
 Over 500 lines on purpose: the plan, the CUDA-graphed single-process step and the sharded step all work
 on one Muon instance's state (plan, buffers, graphs) and are read together.
 """

@@ -28,6 +28,8 @@ row  input or fault                               test
 18   errors while loading                         test_row18_errors_land_in_the_runs_log_once_it_exists,
                                                   test_row18_an_error_after_start_up_lands_in_train_log
 19   python -m bench plot DIR                     test_row19_bench_plot_takes_a_folder
+
+Over 500 lines on purpose: the table above is the index, and one file keeps it beside its tests.
 """
 
 from __future__ import annotations

@@ -60,9 +60,9 @@ def _unavailable(impl: str):
         reason = needs_cuda()
         if reason or impl in ("sdpa", "auto", "flex"):
             return reason
-        from kernels.attention import _forced_blocker
+        from kernels.attention import unavailable_reason
 
-        return _forced_blocker(impl, HEADS, KV_HEADS, HEAD_DIM, "bfloat16", "cuda")
+        return unavailable_reason(impl, HEADS, KV_HEADS, HEAD_DIM, "bfloat16", "cuda")
 
     return check
 

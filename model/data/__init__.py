@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..atomic import atomic_write  # its home was model/data.py before model/atomic.py: the old name stays
 from .loader import RankBatches, ShuffledSequenceLoader, load_val_tokens
 from .paths import (
     CORPUS_BUILDER_VERSION,
@@ -78,6 +79,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CORPUS_BUILDER_VERSION",
+    "atomic_write",
     "DataPaths",
     "HEADER_BYTES",
     "HEADER_INTS",
