@@ -240,7 +240,11 @@ def compliance(report: dict, val_tokens: int) -> dict:
         }
     kern = report.get("kernels")
     if kern is None or kern.get("mode") == "off":
-        block["kernels_used"] = {"status": "N/A", "what": "kernel preflight off: the kernels were not proven"}
+        block["kernels_used"] = {
+            "status": "N/A",
+            "used": (kern or {}).get("used"),
+            "what": "kernel preflight off: the kernels were not proven; `used` is what priming launched",
+        }
     else:
         block["kernels_used"] = {
             "status": "PASS" if kern.get("on_path", True) else "FAIL",

@@ -219,6 +219,7 @@ def test_preflight_replaces_a_planted_wrong_kernel_or_refuses_in_strict_mode(tmp
     _run(["--train-only", "--preflight", "off"], tmp_path, "off", env=_clean_env(ITERATIONS=2))
     rep = _report(tmp_path / "off")
     assert rep["kernels"]["mode"] == "off" and rep["compliance"]["kernels_used"]["status"] == "N/A"
+    assert rep["compliance"]["kernels_used"]["used"]["muon"] == "banked, eager"  # unproven, still listed
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -122,3 +122,28 @@ def test_every_rank_takes_rank_0s_attention_backend(monkeypatch):
     assert any("cudnn on every rank" in line for line in logs)
     cpu = SimpleNamespace(device=torch.device("cpu"), world=1, main=True, broadcast_object=lambda o: o)
     assert preflight.one_attention_backend(cfg, cpu, logs.append) is cfg  # CPU: PyTorch's own pick
+
+
+@pytest.mark.interpreter
+def test_a_failing_kernel_is_switched_to_its_reference_and_the_others_kept(
+    kernel_device, monkeypatch, fresh_kernels
+):
+    """With the fused kernels asked for (KERNELS=triton), a planted wrong MLP kernel leaves the run on the
+    MLP reference and the CE kernel; strict mode refuses instead."""
+    import dataclasses
+
+    from model.run_config import model_config, resolve_config
+    from optim.distributed import Dist
+
+    monkeypatch.setenv(_runtime.FAULT_KERNEL_ENV, "mlp")
+    cfg = resolve_config("tiny", env={"KERNELS": "triton"})
+    pd = Dist(device=kernel_device)
+    assert (model_config(cfg, pd.device).mlp_impl, model_config(cfg, pd.device).ce_impl) == (
+        "triton",
+        "triton",
+    )
+    checked, record = preflight.run_preflight(cfg, pd, lambda line: None)
+    kept = model_config(checked, pd.device)
+    assert (kept.mlp_impl, kept.ce_impl, record["replaced"]) == ("torch", "triton", ["mlp"])
+    with pytest.raises(SystemExit, match="kernel check failed for mlp"):
+        preflight.run_preflight(dataclasses.replace(cfg, preflight="strict"), pd, lambda line: None)
