@@ -117,6 +117,8 @@ def parse_args(argv=None):
     )
     add_config_flags(p)
     args = p.parse_args(argv)
+    if args.save_every < 0:
+        p.error(f"--save-every {args.save_every}: must be >= 0 (0: no checkpoints)")
     return (args, *config_flags(args))
 
 
@@ -444,7 +446,7 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     else:
         start_step, elapsed = 0, 0.0
         if resume:
-            forced = checkpoint.check_resume(meta, cfg, pd, trainer.accum, args.force)
+            forced = start.forced  # checked at start-up, before the run folder was touched
             reasons.append(f"resumed from {resume} at step {meta['step']}")
             reasons += [f"forced: {p}" for p in forced]
             if not meta.get("record_eligible", True):

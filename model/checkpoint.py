@@ -195,6 +195,13 @@ def _instead(path: Path) -> str:
     return f"use the previous checkpoint instead: --resume {prev} (or --eval-only {prev})"
 
 
+# What check_resume and the loaders read from meta.json, with their types.
+META_FIELDS = {
+    "step": int, "elapsed_s": (int, float), "world_size": int, "grad_accum_steps": int, "config": dict,
+    "config_hash": str, "code_hash": str,
+}  # fmt: skip
+
+
 def checkpoint_meta(cfg: Config, pd: Dist, accum: int, step: int, elapsed_s: float) -> dict:
     """meta.json's first part: where the run stands, its layout and config (the caller adds code_hash,
     run_id and record_eligible; check_resume compares them)."""
@@ -215,7 +222,11 @@ def read_checkpoint_meta(path: Path) -> dict:
             f"{path}: not a complete checkpoint (no meta.json); pass a directory runs/<id>/ckpt/step_NNNNNN "
             "written by --save-every"
         )
-    return read_saved_json(meta_path, "the checkpoint is damaged: " + _instead(path))
+    meta = read_saved_json(meta_path, "the checkpoint is damaged: " + _instead(path))
+    bad = [k for k, kind in META_FIELDS.items() if not isinstance(meta.get(k), kind)]
+    if bad:
+        raise SystemExit(f"{meta_path}: missing or malformed {', '.join(bad)}; {_instead(path)}")
+    return meta
 
 
 def check_resume(meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> list[str]:

@@ -214,7 +214,8 @@ class ConfigError(ValueError):
 
 
 def _interval(spec: str) -> tuple[float, float, bool, bool]:
-    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    # integer bounds stay exact ints: float(2**63 - 1) would admit a seed of 2**63
+    lo, hi = (int(x) if x.strip().lstrip("-").isdigit() else float(x) for x in spec[1:-1].split(","))
     return lo, hi, spec[0] == "[", spec[-1] == "]"
 
 
@@ -246,9 +247,12 @@ def _convert(name: str, raw, default):
                 return False
             raise ValueError("expected 0/1/true/false")
         if isinstance(default, int):
-            value = float(text)
-            if value != int(value):
-                raise ValueError("expected an integer")
+            try:
+                return int(text)  # exact: a float round trip would change a large seed silently
+            except ValueError:
+                value = float(text)  # "1e6" style, exact only below 2^53
+            if not math.isfinite(value) or value != int(value) or abs(value) > 2**53:
+                raise ValueError("expected an integer") from None
             return int(value)
         if isinstance(default, float):
             return float(text)
@@ -327,6 +331,8 @@ def _check(cfg: Config, source: dict, training: bool) -> None:
             refuse(name, value, f"must be {describe_range(spec)} ({what})")
     if (cfg.sliding_window_enabled or cfg.ttt_enabled) and cfg.eval_stride > cfg.eval_seq_len:
         refuse("eval_stride", cfg.eval_stride, f"must be <= eval_seq_len {cfg.eval_seq_len}")
+    if 0 < cfg.val_max_tokens <= cfg.eval_seq_len:
+        refuse("val_max_tokens", cfg.val_max_tokens, f"must be 0 (all) or > eval_seq_len {cfg.eval_seq_len}")
     if cfg.max_wallclock_seconds > 0 and cfg.gptq_reserve_seconds >= cfg.max_wallclock_seconds:
         refuse(
             "gptq_reserve_seconds",

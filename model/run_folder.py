@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,19 +24,37 @@ from .atomic import atomic_write, remove_temporaries
 LOCK = ".lock"
 
 
+MAX_ID_BYTES = 200  # a folder name, with room for the default id's "-N" suffix under the usual 255
+
+
 def default_run_id(preset: str, seed: int) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-s{seed}"
 
 
 def check_run_id(run_id: str) -> None:
     """A run id names one folder inside --out-dir."""
-    bad = not run_id or run_id in (".", "..") or "\0" in run_id
+    bad = not run_id.strip() or run_id in (".", "..") or "\0" in run_id or len(run_id.encode()) > MAX_ID_BYTES
     bad = bad or any(sep and sep in run_id for sep in ("/", os.sep, os.altsep))
     if bad:
         raise SystemExit(
-            f"--run-id {run_id!r}: a run id is one folder name inside --out-dir (no '/', not '.' or '..'); "
-            "pick another, e.g. --run-id my-run (use --out-dir to write elsewhere)"
+            f"--run-id {run_id[:80]!r}: a run id is one folder name inside --out-dir (not blank, no '/', "
+            f"not '.' or '..', at most {MAX_ID_BYTES} bytes); pick another, e.g. --run-id my-run (use "
+            "--out-dir to write elsewhere)"
         )
+
+
+def check_out_dir(out_dir: str) -> None:
+    """--out-dir is a folder this process can write in, or can be made where it is asked for."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"--out-dir {out_dir}: exists and is not a folder; pass a folder (default: runs)")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    try:  # a probe made and removed at once: permissions alone do not tell (root, /proc, read-only mounts)
+        tempfile.TemporaryDirectory(dir=existing, prefix=".probe-").cleanup()
+    except OSError as exc:
+        raise SystemExit(
+            f"--out-dir {out_dir}: cannot create a folder in {existing} ({exc.strerror}); pass another folder"
+        ) from None
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -55,6 +74,7 @@ def choose(out_dir: str, run_id: str | None, default_id: str, resume: Path | Non
     checkpoint it resumes in that run's own folder. Refuses an id that would escape --out-dir or reuse a
     folder that holds another run."""
     own = resumed_run_dir(resume)
+    check_out_dir(out_dir)
     if run_id is None and own is not None:
         return own.name, own, True
     if run_id is not None:
@@ -62,6 +82,8 @@ def choose(out_dir: str, run_id: str | None, default_id: str, resume: Path | Non
         run_dir = Path(out_dir) / run_id
         if own is not None and run_dir.resolve() == own:
             return run_id, run_dir, True
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SystemExit(f"--run-id {run_id}: {run_dir} is a file, not a folder; pick another --run-id")
         if holds_a_run(run_dir):
             hint = (
                 f" or continue it: --resume {run_dir}/ckpt/step_NNNNNN" if (run_dir / "ckpt").is_dir() else ""

@@ -2,15 +2,18 @@
 any file is written, so that a bad input costs seconds and leaves nothing behind (README "What a bad
 input gets"). In order:
 
-  what is evaluated or resumed exists   --eval-only / --resume paths, meta.json and config.json readable
+  what is evaluated or resumed exists   --eval-only / --resume paths, meta.json and config.json readable;
+                                        a resume has the checkpoint's layout, config and code (or --force)
+                                        and steps left to train
   the config                            every field of its type, choices and range, named by its variable or
                                         flag (model/run_config.py); look-alike env variables get a warning
   the machine                           a CPU run of a config that needs more than CPU_LARGE_BYTES (or than
-                                        the memory available) asks for --allow-large-cpu
-  the run folder                        one folder name inside --out-dir, never a folder of another run
-                                        (model/run_folder.py)
-  checkpoint / artifact                 checksums of the checkpoint's files; the artifact readable and made
-                                        for this model
+                                        the memory available) asks for --allow-large-cpu; kernels asked for
+                                        by name can run here
+  the run folder                        --out-dir writable, one folder name inside it, never a folder of
+                                        another run (model/run_folder.py)
+  checkpoint / artifact                 checksums of the checkpoint's files; the artifact readable; either
+                                        holds every tensor of this model, in its shape
   data                                  the tokenizer's pieces == the model's vocab; every val and train id
                                         < vocab (a vectorised max over each memory-mapped shard); enough
                                         shards of enough tokens for every data rank; the byte tables audited
@@ -53,6 +56,7 @@ class Startup:
     eval_only: Path | None
     resume: Path | None
     meta: dict | None  # the checkpoint's meta.json (resume, or eval-only of a checkpoint)
+    forced: list[str]  # what --force resumed past (config or code differences)
 
 
 def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
@@ -67,6 +71,8 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
         raise SystemExit(f"{exc} (set by --model-* flags or environment variables)") from None
     accum, _ = batch_layout(cfg, pd.world)
     check_memory(cfg, mcfg, pd, accum, eval_only is not None, args.device, args.allow_large_cpu, log)
+    check_kernels_can_run(mcfg, pd.device)
+    forced = check_resume(resume, meta, cfg, pd, accum, args.force) if resume else []
 
     decision, folder = None, None
     if pd.main:  # rank 0 looks at the folder (and locks a continued run's); every rank gets its answer
@@ -90,6 +96,7 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     )
     if notes:
         log(f"WARNING: {notes}")
+    _on_every_rank(pd, lambda: check_checkpoint_model(saved, mcfg) if saved and pd.main else None)
     artifact = eval_only if eval_only and eval_only.is_file() and pd.main else None
     _on_every_rank(pd, lambda: check_artifact(artifact, mcfg) if artifact else None)
     data = _on_every_rank(pd, lambda: _load_data(cfg, args.data, mcfg.vocab_size, pd, accum, log))
@@ -111,7 +118,33 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     folder = _on_every_rank(pd, open_folder)  # a refusal on rank 0 (folder taken) stops every rank
     seconds = time.perf_counter() - t0
     log(f"start-up checks passed in {seconds:.2f} s (config, paths, memory, run folder, data, byte tables)")
-    return Startup(cfg, mcfg, data, run_id, run_dir, folder, eval_only, resume, meta)
+    return Startup(cfg, mcfg, data, run_id, run_dir, folder, eval_only, resume, meta, forced)
+
+
+def check_resume(resume: Path, meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> list[str]:
+    """Before the run folder is touched (a refused resume changes nothing in it): the same layout, the
+    same config and code unless forced, and steps left to train."""
+    forced = checkpoint.check_resume(meta, cfg, pd, accum, force)
+    if meta["step"] >= cfg.iterations:
+        raise SystemExit(
+            f"--resume {resume}: the checkpoint is at step {meta['step']} of {cfg.iterations}: nothing is "
+            f"left to train; evaluate it with --eval-only {resume}, or raise ITERATIONS (with --force)"
+        )
+    return forced
+
+
+def check_kernels_can_run(mcfg: GPTConfig, device: torch.device) -> None:
+    """Kernels asked for by name (KERNELS=triton, MLP_IMPL, CE_IMPL) are refused where they cannot run
+    ("auto" takes the references there)."""
+    from kernels._runtime import platform_blocker
+
+    named = [name for name in ("mlp_impl", "ce_impl") if getattr(mcfg, name) == "triton"]
+    reason = platform_blocker(device.type, device.index or 0) if named else None
+    if reason:
+        raise SystemExit(
+            f"config {', '.join(named)}='triton' (KERNELS, MLP_IMPL, CE_IMPL): the fused kernels cannot run "
+            f"here ({reason}); use KERNELS=auto (the references where they cannot run) or KERNELS=torch"
+        )
 
 
 def _on_every_rank(pd: Dist, fn):
@@ -206,10 +239,10 @@ def check_memory(cfg, mcfg, pd: Dist, accum: int, eval_only: bool, device_arg: s
 
 def check_artifact(path: Path, mcfg: GPTConfig) -> None:
     """The artifact is readable (its CRC holds) and holds every tensor of this config's model."""
-    from .quant import ArtifactError, read_artifact
+    from .quant import ArtifactError, dequantize_state_dict, read_artifact
 
     try:
-        _, meta = read_artifact(path)
+        tensors, meta = read_artifact(path)
     except ArtifactError as exc:
         raise SystemExit(str(exc)) from None
     with torch.device("meta"):
@@ -220,6 +253,34 @@ def check_artifact(path: Path, mcfg: GPTConfig) -> None:
             f"{path}: the artifact lacks {len(missing)} tensors of the model this config builds (e.g. "
             f"{missing[:3]}): its run's config.json is not beside it or flags change the model; pass the "
             "flags of the run that made it (--preset, --model-*)"
+        )
+    _same_shapes(path, dequantize_state_dict(tensors, meta), template)
+
+
+def check_checkpoint_model(path: Path, mcfg: GPTConfig) -> None:
+    """The checkpoint's weights (rank 0's file, memory-mapped) have the shapes of this config's model."""
+    payload = torch.load(path / "rank0.pt", map_location="cpu", mmap=True, weights_only=False)
+    with torch.device("meta"):
+        template = GPT(mcfg).state_dict()
+    missing = sorted(set(template) - set(payload["model"]))
+    if missing:
+        raise SystemExit(
+            f"{path / 'rank0.pt'}: lacks {len(missing)} tensors of the model this config builds (e.g. "
+            f"{missing[:3]}): flags change the model; drop the --model-* flags that differ from its run"
+        )
+    _same_shapes(path / "rank0.pt", payload["model"], template)
+
+
+def _same_shapes(path: Path, saved: dict, template: dict) -> None:
+    wrong = [
+        f"{n} {tuple(saved[n].shape)} vs {tuple(t.shape)}"
+        for n, t in template.items()
+        if saved[n].shape != t.shape
+    ]
+    if wrong:
+        raise SystemExit(
+            f"{path}: {len(wrong)} tensors have other shapes than the model this config builds (saved vs "
+            f"now, e.g. {wrong[:2]}): flags change the model; pass the flags of the run that made it"
         )
 
 

@@ -29,6 +29,16 @@ row  input or fault                               test
                                                   test_row18_an_error_after_start_up_lands_in_train_log
 19   python -m bench plot DIR                     test_row19_bench_plot_takes_a_folder
 
+A second sweep (more bad inputs, each refused at start-up, the run folder left as it was):
+20   --resume with another config (refused)       test_row20_a_refused_resume_leaves_the_run_folder_as_it_was
+21   --resume of a finished run                   test_row21_resuming_a_finished_run_is_refused
+22   a model flag that changes tensor shapes      test_row22_artifact_and_checkpoint_shapes_are_checked
+23   malformed checkpoint meta.json               test_row23_malformed_checkpoint_meta_names_the_file
+24   --out-dir a file or unwritable, odd run ids  test_row24_out_dir_and_run_id_are_checked
+25   KERNELS=triton where Triton cannot run       test_row25_kernels_asked_by_name_must_be_able_to_run
+26   integers parsed exactly, val_max_tokens      test_row26_integers_are_exact_and_val_max_tokens_fits
+27   --save-every -1                              test_row27_negative_save_every_is_refused
+
 Over 500 lines on purpose: the table above is the index, and one file keeps it beside its tests.
 """
 
@@ -360,8 +370,15 @@ def test_row08_damaged_checkpoint_file_is_refused(tmp_path, small_run):
     parts = SimpleNamespace(model=None, ema=None, opts=None)
     with pytest.raises(SystemExit, match="damaged"):  # verified at load too
         checkpoint.load_checkpoint(ck, Dist(), **vars(parts))
+    ck2 = run / "ckpt" / "step_000002"  # a checkpoint with steps left to train, damaged the same way
+    raw = bytearray((ck2 / "rank0.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (ck2 / "rank0.pt").write_bytes(bytes(raw))
     proc = _train(
-        ["--resume", str(ck), "--train-only"], tmp_path, _clean_env(ITERATIONS=4, WARMUP_STEPS=0), check=False
+        ["--resume", str(ck2), "--train-only"],
+        tmp_path,
+        _clean_env(ITERATIONS=4, WARMUP_STEPS=0),
+        check=False,
     )
     _refused(proc, "rank0.pt: damaged")
     assert "ERROR: " in (run / "train.log").read_text().splitlines()[-1]  # and the run's log says so
@@ -378,7 +395,9 @@ class _Stub:
 def _save(ckdir: Path, lines: list) -> Path | None:
     weights = {"w": torch.randn(64, 64)}
     parts = dict(model=_Stub(weights), ema=_Stub(weights), opts=_Stub({}), batches=_Stub([]))
-    return checkpoint.save_checkpoint(ckdir, Dist(), **parts, meta={"step": 1}, log=lines.append)
+    meta = {"step": 1, "elapsed_s": 0.0, "world_size": 1, "grad_accum_steps": 1, "config": {}}
+    meta |= {"config_hash": "", "code_hash": ""}  # what read_checkpoint_meta requires
+    return checkpoint.save_checkpoint(ckdir, Dist(), **parts, meta=meta, log=lines.append)
 
 
 def test_row12_disk_full_checkpoint_is_skipped_clearly(tmp_path, monkeypatch):
@@ -565,3 +584,97 @@ def test_row19_bench_plot_takes_a_folder(tmp_path, capsys):
     assert bench_main(["plot", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"bench plot: {tmp_path / 'empty'}: no results JSON under")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A second sweep (rows 20-27)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _contents(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_row20_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path, small_run):
+    """The config is compared before the folder is touched: no metrics cut back, no config.json rewritten."""
+    run = _copy_run(small_run, tmp_path)
+    before = _contents(run)
+    args = ["--resume", str(run / "ckpt" / "step_000002"), "--train-only", "--matrix-lr", "0.05"]
+    proc = _train(args, tmp_path, _clean_env(ITERATIONS=4, WARMUP_STEPS=0), check=False)
+    _refused(proc, "refusing to resume: config differs", "matrix_lr")
+    assert _contents(run) == before
+
+
+def test_row21_resuming_a_finished_run_is_refused(tmp_path, small_run):
+    run = _copy_run(small_run, tmp_path)
+    before = _contents(run)
+    ck = run / "ckpt" / "step_000004"
+    proc = _train(
+        ["--resume", str(ck), "--train-only"], tmp_path, _clean_env(ITERATIONS=4, WARMUP_STEPS=0), check=False
+    )
+    _refused(proc, "at step 4 of 4: nothing is left to train", f"--eval-only {ck}")
+    assert _contents(run) == before
+
+
+def test_row22_artifact_and_checkpoint_shapes_are_checked(tiny_artifact, small_run):
+    """Same tensor names, other shapes (--model-mlp-mult 3): refused at start-up, not a load traceback."""
+    wider = run_config.config_for_run("tiny", {}, {"mlp_mult": "3"}, tiny_artifact, None, env={})
+    mcfg = run_config.model_config(wider, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"final_model.ptz: \d+ tensors have other shapes"):
+        validate.check_artifact(tiny_artifact, mcfg)
+    ck = small_run / "ckpt" / "step_000002"
+    validate.check_checkpoint_model(
+        ck, run_config.model_config(run_config.resolve_config("tiny", env={}), torch.device("cpu"))
+    )
+    with pytest.raises(SystemExit, match=r"rank0.pt: \d+ tensors have other shapes"):
+        validate.check_checkpoint_model(ck, mcfg)
+
+
+def test_row23_malformed_checkpoint_meta_names_the_file(tmp_path, small_run):
+    run = _copy_run(small_run, tmp_path)
+    ck = run / "ckpt" / "step_000004"
+    (ck / "meta.json").write_text('{"step": "two", "config": {}}')
+    with pytest.raises(SystemExit, match=r"step_000004/meta.json: missing or malformed step, elapsed_s"):
+        checkpoint.read_checkpoint_meta(ck)
+
+
+def test_row24_out_dir_and_run_id_are_checked(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="--out-dir .*afile: exists and is not a folder"):
+        run_folder.choose(str(tmp_path / "afile"), "r", "d", None)
+    with pytest.raises(SystemExit, match="cannot create a folder in /proc"):
+        run_folder.choose("/proc/no-such-runs", "r", "d", None)
+    with pytest.raises(SystemExit, match="afile is a file, not a folder"):
+        run_folder.choose(str(tmp_path), "afile", "d", None)
+    for bad in (" ", "x" * 300):
+        with pytest.raises(SystemExit, match="a run id is one folder name inside --out-dir"):
+            run_folder.choose(str(tmp_path), bad, "d", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing
+
+
+def test_row25_kernels_asked_by_name_must_be_able_to_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = run_config.resolve_config("tiny", env={"KERNELS": "triton"})
+    mcfg = run_config.model_config(cfg, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"mlp_impl, ce_impl='triton' .*cannot run here .*KERNELS=auto"):
+        validate.check_kernels_can_run(mcfg, torch.device("cpu"))
+    auto = run_config.model_config(run_config.resolve_config("tiny", env={}), torch.device("cpu"))
+    validate.check_kernels_can_run(auto, torch.device("cpu"))  # "auto" takes the references here
+
+
+def test_row26_integers_are_exact_and_val_max_tokens_fits():
+    assert run_config.resolve_config("tiny", env={"SEED": "12345678901234567"}).seed == 12345678901234567
+    assert run_config.resolve_config("tiny", env={"ITERATIONS": "1e3"}).iterations == 1000
+    for env, phrase in (
+        ({"SEED": str(2**63)}, "seed=9223372036854775808"),
+        ({"ITERATIONS": "1e30"}, "ITERATIONS='1e30': expected an integer"),
+        ({"VAL_MAX_TOKENS": "10"}, "val_max_tokens=10 .*> eval_seq_len 128"),
+    ):
+        with pytest.raises(run_config.ConfigError, match=phrase):
+            run_config.resolve_config("tiny", env=env)
+
+
+def test_row27_negative_save_every_is_refused(tmp_path):
+    proc = _train(["--save-every", "-1"], tmp_path, check=False)
+    assert proc.returncode == 2 and "--save-every -1: must be >= 0" in proc.stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
