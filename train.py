@@ -76,6 +76,7 @@ from model.run_config import (
     model_config,
     ttt_config,
 )
+from model.run_folder import interrupted
 from model.shipped_code import code_hash, code_size
 from model.train_step import (
     FAULT_EXIT_ENV,
@@ -373,6 +374,10 @@ def main(argv=None) -> int:
     log = Logger(None, pd.main)  # into runs/<run id>/train.log once the start-up checks have made it
     try:
         return run(args, cli, cli_model, pd, log)
+    except KeyboardInterrupt:  # Ctrl-C: where the run stands and how to go on, no traceback
+        log.error(SystemExit(msg := interrupted(log.log_path and log.log_path.parent)))
+        print(msg, file=sys.stderr)
+        raise SystemExit(130) from None
     except BaseException as exc:
         log.error(exc)  # the run's log holds the error too (a refusal before its folder exists: stderr only)
         raise

@@ -152,3 +152,15 @@ def cut_metrics(path: Path, step: int) -> tuple[list[dict], int]:
         with atomic_write(path, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in kept))
     return kept, dropped
+
+
+def interrupted(run_dir: Path | None) -> str:
+    """What Ctrl-C says: the run's folder, its newest checkpoint to continue from, or that there is none."""
+    msg = "interrupted (Ctrl-C)"
+    if run_dir is None:
+        return msg + " before the run folder was made: nothing was written"
+    done = sorted(run_dir.glob("ckpt/step_*/meta.json"))
+    go_on = (
+        f"continue with --resume {done[-1].parent}" if done else "no checkpoint was written (--save-every)"
+    )
+    return f"{msg}; its folder is {run_dir}: {go_on}, or start again with another --run-id"

@@ -38,6 +38,7 @@ A second sweep (more bad inputs, each refused at start-up, the run folder left a
 25   KERNELS=triton where Triton cannot run       test_row25_kernels_asked_by_name_must_be_able_to_run
 26   integers parsed exactly, val_max_tokens      test_row26_integers_are_exact_and_val_max_tokens_fits
 27   --save-every -1                              test_row27_negative_save_every_is_refused
+28   Ctrl-C during training                       test_row28_ctrl_c_says_how_to_go_on
 
 Over 500 lines on purpose: the table above is the index, and one file keeps it beside its tests.
 """
@@ -678,3 +679,21 @@ def test_row27_negative_save_every_is_refused(tmp_path):
     proc = _train(["--save-every", "-1"], tmp_path, check=False)
     assert proc.returncode == 2 and "--save-every -1: must be >= 0" in proc.stderr
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_row28_ctrl_c_says_how_to_go_on(tmp_path):
+    """SIGINT mid-training: exit 130, no traceback, the folder and the newest checkpoint to resume from."""
+    import signal
+
+    cmd = [sys.executable, "train.py", "--preset", "tiny", "--device", "cpu", "--out-dir", str(tmp_path)]
+    cmd += ["--run-id", "c", "--train-only", "--save-every", "1"]
+    env = _clean_env(ITERATIONS=100000, WARMUP_STEPS=0, COMPILE="off")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "c").glob("ckpt/step_*/meta.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert f"interrupted (Ctrl-C); its folder is {tmp_path / 'c'}: continue with --resume" in err
+    assert "ERROR: interrupted (Ctrl-C)" in (tmp_path / "c" / "train.log").read_text()
