@@ -37,6 +37,7 @@ from optim.distributed import Dist
 from . import checkpoint
 from .config import GPTConfig
 from .data import RunData, ShardError, check_token_ids, load_run_data, read_shard_header
+from .data.shards import describe_files
 from .gpt import GPT
 from .report import Logger
 from .run_config import Config, batch_layout, config_for_run, model_config, unknown_env_warnings
@@ -308,8 +309,8 @@ def check_train_shards(data: RunData, cfg: Config, vocab: int, pd: Dist, accum: 
     for d in range(data_ranks):
         if max(counts[d::data_ranks]) < cfg.train_seq_len + 1:
             raise SystemExit(
-                f"data rank {d}: no train shard of {files[d::data_ranks][:3]} holds train_seq_len+1 = "
-                f"{cfg.train_seq_len + 1} tokens: use a shorter TRAIN_SEQ_LEN or more data"
+                f"data rank {d}: no train shard of {describe_files(files[d::data_ranks])} holds "
+                f"train_seq_len+1 = {cfg.train_seq_len + 1} tokens: use a shorter TRAIN_SEQ_LEN or more data"
             )
     mine = files[pd.rank :: pd.world]
     t0 = time.perf_counter()

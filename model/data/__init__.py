@@ -19,12 +19,14 @@ from ..atomic import atomic_write  # its home was model/data.py before model/ato
 from .loader import RankBatches, ShuffledSequenceLoader, load_val_tokens
 from .paths import (
     CORPUS_BUILDER_VERSION,
+    DataFileError,
     DataPaths,
     RunData,
     default_cache_dir,
     default_corpus,
     fineweb_paths,
     load_run_data,
+    load_tokenizer,
 )
 from .shards import (
     HEADER_BYTES,
@@ -80,6 +82,7 @@ def __getattr__(name: str):
 __all__ = [
     "CORPUS_BUILDER_VERSION",
     "atomic_write",
+    "DataFileError",
     "DataPaths",
     "HEADER_BYTES",
     "HEADER_INTS",
@@ -96,6 +99,7 @@ __all__ = [
     "default_corpus",
     "fineweb_paths",
     "load_run_data",
+    "load_tokenizer",
     "load_val_tokens",
     "read_shard",
     "read_shard_header",

@@ -11,9 +11,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .corpus import StdlibCorpus, ensure_corpus
-from .fineweb import DEFAULT_REMOTE_ROOT, DEFAULT_REPO_IDS, LocalDirRemote, download_fineweb
+from .fineweb import DEFAULT_REMOTE_ROOT, DEFAULT_REPO_IDS, DownloadError, LocalDirRemote, download_fineweb
 from .shards import ShardError, validate_shard
 
 
@@ -46,8 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("files", nargs="+")
     v.add_argument("--vocab-size", type=int, default=None)
     args = parser.parse_args(argv)
+    # A bad argument or file: one line naming it and what to do (exit 1), no traceback. The library
+    # functions check their arguments before any work or any write.
+    try:
+        return run(args)
+    except (ValueError, DownloadError) as e:  # ShardError and DataFileError are ValueErrors
+        raise SystemExit(f"python -m model.data {args.cmd}: {e}") from None
 
+
+def run(args: argparse.Namespace) -> int:
     if args.cmd == "download":
+        if args.from_dir and not Path(args.from_dir).is_dir():
+            raise ValueError(f"--from-dir {args.from_dir}: no such folder; pass a copy of the hub repo")
         remote = LocalDirRemote(args.from_dir) if args.from_dir else None
         paths = download_fineweb(
             args.dest,
@@ -62,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = ensure_corpus(args.vocab_size, StdlibCorpus(), cache_dir=args.cache_dir)
         print(json.dumps(paths.describe(), indent=2))
     else:
+        if args.vocab_size is not None and args.vocab_size < 2:  # its advice would name "sp-5"
+            raise ValueError(f"--vocab-size {args.vocab_size}: must be >= 2 (the tokenizer's piece count)")
         bad = 0
         for f in args.files:
             try:

@@ -28,12 +28,15 @@ import numpy as np
 from ..atomic import atomic_write, umask
 from .paths import (
     CORPUS_BUILDER_VERSION,
+    DataFileError,
     DataPaths,
     built_corpus,
     cached_corpus,
+    check_vocab_size,
     corpus_root,
     default_stdlib_dir,
     known_fingerprint,
+    load_tokenizer,
     source_file,
     stdlib_source_files,
     stdlib_source_key,
@@ -152,13 +155,26 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> bytes:
 
     import sentencepiece as spm
 
+    check_vocab_size(vocab_size)
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(documents)),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        **SENTENCEPIECE_SETTINGS,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(documents)),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            **SENTENCEPIECE_SETTINGS,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 300 vs 343."
+        problem = str(e).split("] ", 1)[-1].strip()  # without sentencepiece's source location
+        raise ValueError(f"--vocab-size {vocab_size}: the tokenizer trainer refused it: {problem}") from None
+    # hard_vocab_limit=False lets the trainer stop short when the text has too few merges: a tokenizer
+    # smaller than asked would be filed under sp<vocab_size> and mislead every run that uses it.
+    pieces = spm.SentencePieceProcessor(model_proto=buf.getvalue()).vocab_size()
+    if pieces < vocab_size:
+        raise ValueError(
+            f"--vocab-size {vocab_size}: the corpus yields only {pieces:,} pieces; use --vocab-size {pieces} "
+            "or less"
+        )
     return buf.getvalue()
 
 
@@ -255,6 +271,19 @@ def _load_documents(path: Path, fingerprint: str) -> list[str] | None:
     return documents if corpus_fingerprint(documents) == fingerprint else None
 
 
+def _unless_damaged(find, *args):
+    """``find(*args)`` (a cache lookup of paths.py), or None when the cache entry it reads is damaged: a
+    malformed JSON file or a tokenizer that does not load. This is the builder, so it builds over it (a run
+    is refused with the file named instead)."""
+    try:
+        found = find(*args)
+        if isinstance(found, DataPaths):
+            load_tokenizer(found.tokenizer_model)
+        return found
+    except DataFileError:
+        return None
+
+
 def ensure_corpus(
     vocab_size: int,
     corpus: StdlibCorpus | None = None,
@@ -267,16 +296,18 @@ def ensure_corpus(
     Cache layout: see model/data/paths.py. Builds go to a temporary directory renamed into place, under a
     file lock, so concurrent processes (torchrun ranks) build once and never see half-written files.
     """
+    check_vocab_size(vocab_size)  # before the lock file (and its folders) or any parsing
     corpus = corpus or StdlibCorpus()
     root = corpus_root(cache_dir)
     key = corpus.source_key()
-    if (paths := cached_corpus(vocab_size, key, cache_dir)) is not None:
+    if (paths := _unless_damaged(cached_corpus, vocab_size, key, cache_dir)) is not None:
         return paths
     with _file_lock(root / "build.lock"):
-        if (paths := cached_corpus(vocab_size, key, cache_dir)) is not None:  # built while we waited
+        # built while we waited?
+        if (paths := _unless_damaged(cached_corpus, vocab_size, key, cache_dir)) is not None:
             return paths
         documents = None
-        fp = known_fingerprint(key, cache_dir)
+        fp = _unless_damaged(known_fingerprint, key, cache_dir)
         if fp:  # known stdlib, new vocab size: reuse its extracted documents
             documents = _load_documents(root / fp[:16] / "documents.json.gz", fp)
         if documents is None:
@@ -285,7 +316,7 @@ def ensure_corpus(
             with atomic_write(root / fp[:16] / "documents.json.gz") as f:
                 f.write(gzip.compress(json.dumps(documents).encode("utf-8"), mtime=0))
         final = root / fp[:16] / f"sp{vocab_size}"
-        paths = built_corpus(final)
+        paths = _unless_damaged(built_corpus, final)
         if paths is None:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".sp{vocab_size}.", dir=final.parent))

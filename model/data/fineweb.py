@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..atomic import atomic_path
-from .paths import DataPaths
+from ..atomic import atomic_path, atomic_write
+from .paths import DataFileError, DataPaths, load_tokenizer
 from .shards import ShardError, read_shard_header
 
 # The record's data lives in kevclark/parameter-golf (its README sets MATCHED_FINEWEB_REPO_ID to it); the
@@ -99,12 +101,10 @@ def _check_file(path: Path, expected_size: int | None, kind: str | None = None) 
         except ShardError as e:
             return str(e).split(": ", 1)[1]
     elif kind == ".model":
-        import sentencepiece as spm
-
         try:
-            spm.SentencePieceProcessor(model_file=str(path))
-        except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError
-            return f"not a SentencePiece model ({e})"
+            load_tokenizer(path)
+        except DataFileError as e:
+            return str(e).removeprefix(f"{path} is ")
     elif kind == ".json":
         try:
             json.loads(path.read_text(encoding="utf-8"))
@@ -152,8 +152,14 @@ def download_fineweb(
     from tqdm.auto import tqdm
 
     dest = Path(dest)
+    # Arguments first, and nothing is written to dest (not even the folder) until the manifest has the
+    # variant and the shards asked for.
     if train_shards < 0:
-        raise ValueError(f"train_shards must be >= 0, got {train_shards}")
+        raise ValueError(f"--train-shards {train_shards}: must be >= 0")
+    if not re.fullmatch(r"sp[1-9][0-9]*", variant):  # train.py --data reads fineweb10B_sp<vocab size>
+        raise ValueError(f"--variant {variant!r}: must be sp<vocab size>, e.g. sp8192 or sp1024")
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"--dest {dest}: is a file, not a folder; pass a folder")
     if remote is None:
         repo_id = (
             repo_id
@@ -168,8 +174,10 @@ def download_fineweb(
 
     # The manifest is small and may change upstream: always take a fresh copy (a stale one is the
     # challenge README's known pitfall).
-    _fetch_verified(remote, prefix + "manifest.json", dest / "manifest.json", None)
-    manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        _fetch_verified(remote, prefix + "manifest.json", Path(tmp) / "manifest.json", None)
+        manifest_bytes = (Path(tmp) / "manifest.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
     dataset_dir = f"fineweb10B_{variant}"
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset_dir), None)
     if entry is None:
@@ -178,7 +186,10 @@ def download_fineweb(
     stats = entry.get("stats") or {}
     n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
     if train_shards > n_train:
-        raise ValueError(f"{variant} has {n_train} train shards on {remote!r}; {train_shards} were requested")
+        raise ValueError(
+            f"--train-shards {train_shards}: {variant} has {n_train} train shards on {remote!r}; pass "
+            f"at most {n_train}"
+        )
     tok_entry = next(
         (t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None
     )
@@ -191,6 +202,8 @@ def download_fineweb(
     if model_file is None:
         raise DownloadError(f"tokenizer entry {tok_entry} names no .model file")
 
+    with atomic_write(dest / "manifest.json") as f:
+        f.write(manifest_bytes)
     rel = [f"datasets/{dataset_dir}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
     rel += [f"datasets/{dataset_dir}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     rel += tok_files
@@ -211,9 +224,7 @@ def download_fineweb(
                 fetched += 1
             bar.update(size or local.stat().st_size)
 
-    import sentencepiece as spm
-
-    vocab = int(spm.SentencePieceProcessor(model_file=str(dest / model_file)).vocab_size())
+    vocab = int(load_tokenizer(dest / model_file).vocab_size())
     meta = {
         "remote": repr(remote),
         "train_shards": train_shards,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .shards import check_token_ids, read_shard, read_shard_header, resolve_shards
+from .shards import check_token_ids, describe_files, read_shard, read_shard_header, resolve_shards
 
 
 class ShuffledSequenceLoader:
@@ -49,7 +49,8 @@ class ShuffledSequenceLoader:
         if not self.files:
             raise ValueError(
                 f"rank {rank} of {world_size} gets no train shard: only {len(all_files)} shard(s) match "
-                f"{files!r}; download more (--train-shards >= {world_size}) or run on fewer ranks"
+                f"{describe_files(files)!r}; download more (--train-shards >= {world_size}) or run on fewer "
+                "ranks"
             )
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
         self.record_seeding = record_seeding

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -24,12 +25,56 @@ import torch
 
 from ..metrics import ByteAuditError, ByteCounter, audit_run_tables
 from .loader import load_val_tokens
-from .shards import resolve_shards
+from .shards import TOKEN_LIMIT, resolve_shards
 
 # Bump when the builder (corpus.py) changes the built files: it is part of the fingerprint and the cache key.
 CORPUS_BUILDER_VERSION = "stdlib-corpus-v2"  # v2: the source files beside the docs
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+# The embedded corpus's tokenizer: byte_fallback puts the 256 byte pieces beside pad/bos/eos/unk in every
+# vocabulary, so it needs at least one more piece; shards store uint16 ids, so at most TOKEN_LIMIT fit.
+MIN_CORPUS_VOCAB = 256 + 4 + 1
+
+
+class DataFileError(ValueError):
+    """A data file (a tokenizer, a corpus cache's JSON) that cannot be read; the message names it and the
+    command that makes it again."""
+
+
+def download_command(variant: str, root: str | os.PathLike) -> str:
+    return f"python -m model.data download --variant {variant} --dest {os.fspath(root)}"
+
+
+def build_command(vocab_size: int | str | None) -> str:
+    return f"python -m model.data build-corpus --vocab-size {vocab_size or '<the run vocab size>'}"
+
+
+def load_tokenizer(path: str | os.PathLike, fix: str | None = None):
+    """The SentencePiece model at ``path``; a DataFileError naming it (and ``fix``) when it does not load:
+    sentencepiece raises a bare RuntimeError/OSError that says neither."""
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=os.fspath(path))
+    except Exception as e:
+        problem = " ".join(str(e).split())  # one line
+        how = f": make it again: {fix}" if fix else ""
+        raise DataFileError(f"{path} is not a SentencePiece model ({problem}){how}") from None
+
+
+def _read_cache_json(path: Path, vocab_size: int | str | None) -> dict:
+    """A corpus cache JSON object; a DataFileError naming the file and the rebuild when it is malformed."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        problem = f"unreadable ({e})"
+    else:
+        if isinstance(obj, dict):
+            return obj
+        problem = f"holds a {type(obj).__name__}, not an object"
+    raise DataFileError(
+        f"corpus cache file {path} is {problem}: rebuild the corpus with {build_command(vocab_size)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -49,11 +94,19 @@ class DataPaths:
     def val_pattern(self) -> str:
         return str(self.dataset_dir / "fineweb_val_*.bin")
 
+    @property
+    def fix(self) -> str:
+        """The command that (re)makes this data, for error messages."""
+        if self.source == "fineweb":
+            variant = self.dataset_dir.name.removeprefix("fineweb10B_")
+            return download_command(variant, self.dataset_dir.parent.parent)
+        return build_command(self.vocab_size)
+
     def train_files(self) -> list[Path]:
-        return resolve_shards(self.train_pattern, "train shards")
+        return resolve_shards(self.train_pattern, "train shards", self.fix)
 
     def val_files(self) -> list[Path]:
-        return resolve_shards(self.val_pattern, "validation shards")
+        return resolve_shards(self.val_pattern, "validation shards", self.fix)
 
     def describe(self) -> dict:
         return {
@@ -69,9 +122,8 @@ class DataPaths:
 
 
 def fineweb_paths(root: str | os.PathLike = "data", variant: str = "sp8192") -> DataPaths:
-    """Paths of an already downloaded FineWeb variant (a clear error says how to fetch it if absent)."""
-    import sentencepiece as spm
-
+    """Paths of an already downloaded FineWeb variant (a clear error says how to fetch it if absent or
+    unreadable)."""
     root = Path(root)
     dataset_dir = root / "datasets" / f"fineweb10B_{variant}"
     vocab = variant[2:] if variant.startswith("sp") else variant
@@ -79,10 +131,19 @@ def fineweb_paths(root: str | os.PathLike = "data", variant: str = "sp8192") -> 
     if not model.is_file() or not list(dataset_dir.glob("fineweb_val_*.bin")):
         raise FileNotFoundError(
             f"FineWeb {variant} is not in {root} (need {model} and {dataset_dir}/fineweb_val_*.bin): run "
-            f"python -m model.data download --variant {variant} --dest {root}"
+            f"{download_command(variant, root)}"
         )
-    sp = spm.SentencePieceProcessor(model_file=str(model))
+    sp = load_tokenizer(model, download_command(variant, root))  # the download fetches a bad file again
     return DataPaths(dataset_dir, model, int(sp.vocab_size()), "fineweb")
+
+
+def check_vocab_size(vocab_size: int, flag: str = "--vocab-size") -> None:
+    """Refuse a vocabulary the corpus builder cannot make, before any work (a ValueError naming ``flag``)."""
+    if not MIN_CORPUS_VOCAB <= vocab_size <= TOKEN_LIMIT:
+        raise ValueError(
+            f"{flag} {vocab_size}: the embedded corpus needs {MIN_CORPUS_VOCAB}..{TOKEN_LIMIT} (256 byte "
+            "pieces + 4 specials at least; shards store uint16 ids), e.g. 8192 or 1024"
+        )
 
 
 def default_cache_dir() -> Path:
@@ -120,19 +181,26 @@ def corpus_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def built_corpus(build_dir: Path) -> DataPaths | None:
-    """The corpus built in ``build_dir`` (from its meta.json), or None when it is absent or incomplete."""
+    """The corpus built in ``build_dir`` (``.../sp<V>``, from its meta.json), or None when it is absent or
+    incomplete; a DataFileError when its meta.json is malformed."""
     meta_path = build_dir / "meta.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    paths = DataPaths(
-        build_dir / meta.pop("dataset_dir"),
-        build_dir / meta.pop("tokenizer_model"),
-        int(meta.pop("vocab_size")),
-        "stdlib",
-        meta.pop("fingerprint"),
-        meta,
-    )
+    vocab = build_dir.name.removeprefix("sp")
+    meta = _read_cache_json(meta_path, vocab)
+    try:
+        paths = DataPaths(
+            build_dir / meta.pop("dataset_dir"),
+            build_dir / meta.pop("tokenizer_model"),
+            int(meta.pop("vocab_size")),
+            "stdlib",
+            meta.pop("fingerprint"),
+            meta,
+        )
+    except (KeyError, TypeError, ValueError) as e:  # a key missing or of the wrong type
+        raise DataFileError(
+            f"corpus cache file {meta_path} lacks a valid {e}: rebuild the corpus with {build_command(vocab)}"
+        ) from None
     if not paths.tokenizer_model.is_file() or not list(paths.dataset_dir.glob("fineweb_*.bin")):
         return None
     return paths
@@ -142,25 +210,35 @@ def source_file(source_key: str, cache_dir: str | os.PathLike | None = None) -> 
     return corpus_root(cache_dir) / "sources" / f"{source_key}.json"
 
 
-def known_fingerprint(source_key: str, cache_dir: str | os.PathLike | None = None) -> str | None:
-    """The corpus fingerprint recorded for a standard library (by its source key), if any."""
+def known_fingerprint(
+    source_key: str, cache_dir: str | os.PathLike | None = None, vocab_size: int | None = None
+) -> str | None:
+    """The corpus fingerprint recorded for a standard library (by its source key), if any; a DataFileError
+    when its file is malformed (``vocab_size``: for the rebuild command it names)."""
     path = source_file(source_key, cache_dir)
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))["fingerprint"]
+    fp = _read_cache_json(path, vocab_size).get("fingerprint")
+    if not (isinstance(fp, str) and re.fullmatch("[0-9a-f]{64}", fp)):  # it names a cache folder
+        raise DataFileError(
+            f"corpus cache file {path} has no valid fingerprint: rebuild the corpus with "
+            f"{build_command(vocab_size)}"
+        )
+    return fp
 
 
 def cached_corpus(
     vocab_size: int, source_key: str, cache_dir: str | os.PathLike | None = None
 ) -> DataPaths | None:
     """The embedded corpus of the standard library with this source key at ``vocab_size``, if built."""
-    fp = known_fingerprint(source_key, cache_dir)
+    fp = known_fingerprint(source_key, cache_dir, vocab_size)
     return built_corpus(corpus_root(cache_dir) / fp[:16] / f"sp{vocab_size}") if fp else None
 
 
 def default_corpus(vocab_size: int, progress: bool = True) -> DataPaths:
     """The embedded default corpus (whole standard library) at ``vocab_size``, from the cache, built
     first when missing by its own command (the builder holds a file lock: concurrent ranks build once)."""
+    check_vocab_size(vocab_size, "the model's vocab_size (--model-vocab-size)")  # before the build command
     key = stdlib_source_key(default_stdlib_dir())
     paths = cached_corpus(vocab_size, key)
     if paths is not None:
@@ -194,8 +272,6 @@ def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, lo
     """FineWeb under ``data_dir``, else the embedded corpus (``cfg``: a model.run_config.Config). Refuses a
     tokenizer whose piece count is not the model's vocab_size and validation ids >= vocab_size, and audits
     the byte tables (model.metrics.audit_run_tables): a run never reports a bpb from mismatched tables."""
-    import sentencepiece as spm
-
     # Every rank asks: the corpus builder holds a file lock, so a missing corpus is built once.
     paths = fineweb_paths(data_dir, f"sp{vocab_size}") if data_dir else default_corpus(vocab_size, progress)
     if paths.vocab_size > vocab_size:
@@ -214,7 +290,7 @@ def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, lo
     if cfg.val_max_tokens > 0 and val.numel() - 1 > cfg.val_max_tokens:
         usable = (cfg.val_max_tokens // cfg.eval_seq_len) * cfg.eval_seq_len
         val = val[: usable + 1].clone()
-    sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_model))
+    sp = load_tokenizer(paths.tokenizer_model, paths.fix)
     counter = ByteCounter(sp, vocab_size=vocab_size)
     t0 = time.perf_counter()
     try:

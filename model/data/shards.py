@@ -143,21 +143,30 @@ def validate_shard(path: str | os.PathLike, *, vocab_size: int | None = None) ->
     return n
 
 
-def resolve_shards(
-    files: str | os.PathLike | Sequence[str | os.PathLike], what: str = "shards"
-) -> list[Path]:
-    """A glob pattern, a file, or a list of files -> sorted list of existing paths (error if none)."""
+def describe_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """A pattern, a file or a list of files as plain text for a message (no PosixPath reprs)."""
     if isinstance(files, (str, os.PathLike)):
-        pattern = os.fspath(files)
+        return os.fspath(files)
+    files = [os.fspath(f) for f in files]
+    return ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+
+
+def resolve_shards(
+    files: str | os.PathLike | Sequence[str | os.PathLike], what: str = "shards", fix: str | None = None
+) -> list[Path]:
+    """A glob pattern, a file, or a list of files -> sorted list of existing paths (error if none, with
+    ``fix``: the command that makes them, when the caller knows it)."""
+    pattern = describe_files(files)
+    if isinstance(files, (str, os.PathLike)):
         paths = sorted(Path(p) for p in glob.glob(pattern))
         if not paths and Path(pattern).is_file():
             paths = [Path(pattern)]
     else:
         paths = [Path(p) for p in files]
-        pattern = ", ".join(map(str, paths[:3])) + (" ..." if len(paths) > 3 else "")
     if not paths:
-        raise FileNotFoundError(
-            f"no {what} match {pattern!r}: build the embedded corpus (python -m model.data build-corpus) "
-            "or download FineWeb (python -m model.data download --variant sp8192)"
+        fix = fix or (
+            "build the embedded corpus (python -m model.data build-corpus) or download FineWeb "
+            "(python -m model.data download --variant sp8192)"
         )
+        raise FileNotFoundError(f"no {what} match {pattern!r}: {fix}")
     return paths
