@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from bench.env import collect_env, format_env, output_folder
+from bench.env import collect_env, format_env, out_folder_arg, output_folder
 from bench.registry import SUITES
 
 
@@ -94,7 +94,7 @@ def cmd_run(args) -> int:
     env = collect_env()
     if not env["cuda_available"] and not args.dry_run:
         _explain_no_gpu(names, args.quick, env["no_gpu_reason"])
-        return 0
+        return 2  # nothing timed is not a success
     now = dt.datetime.now(dt.timezone.utc)
     timing = harness.Timing.for_mode(args.quick)
     env.update(
@@ -251,7 +251,33 @@ def cmd_check(args) -> int:
     bad = [r["kernel"] for r in result["kernels"] if r["status"] == "fail"]
     if bad:
         print(f"bench check: FAILED: {', '.join(bad)} (train.py would run their references instead)")
-    return 1 if bad else 0
+        return 1
+    skipped = [r for r in result["kernels"] if r["status"] == "skipped"]
+    if not skipped:
+        return 0
+    names = ", ".join(r["kernel"] for r in skipped)
+    if device.type == "cuda":  # this GPU cannot run them: train.py runs the references (a note, as before)
+        print(f"bench check: not proven: {names} did not run ({skipped[0]['reason']})")
+        return 0
+    # CPU without the interpreter: our Triton kernels did not run at all (only Muon's CPU path did);
+    # exit 2 like bench gate on CPU, not 0 as if they had been proven
+    print(
+        f"bench check: NOT PROVEN: {names} did not run ({skipped[0]['reason']}); run it on the GPU "
+        "machine, or TRITON_INTERPRET=1 python -m bench check to run them in the Triton interpreter",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _confidence(value: str) -> float:
+    """--confidence: a level strictly between 0 and 1 (else numpy's quantile error, naming no option)."""
+    try:
+        c = float(value)
+    except ValueError:
+        c = float("nan")
+    if not 0.0 < c < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1 (exclusive); e.g. 0.95")
+    return c
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="time benchmark suites; writes JSON + CSV and prints a table")
     p.add_argument("suites", nargs="*", help="suites to run (default: all registered)")
-    p.add_argument("--out", help="output folder (default runs/bench/<UTC time>-<git sha>/)")
+    p.add_argument(
+        "--out", type=out_folder_arg, help="output folder (default runs/bench/<UTC time>-<git sha>/)"
+    )
     p.add_argument("--dry-run", action="store_true", help="no GPU: build every case, fake timings (marked)")
     p.add_argument("--quick", action="store_true", help="fewer cases and shorter timing")
     p.add_argument(
@@ -282,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="PNG plots from results JSON files")
     p.add_argument("results", nargs="+", help="results JSON files or folders (several: overlaid)")
-    p.add_argument("--out", help="output folder (default: <folder of the first file>/plots)")
+    p.add_argument(
+        "--out", type=out_folder_arg, help="output folder (default: <folder of the first file>/plots)"
+    )
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("gate", help="perf regression gate over tests/perf (pytest-benchmark, GPU)")
@@ -329,9 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="noise threshold in percent for every suite (default: per suite from "
         f"<baselines>/<gpu>/threshold.json, else {DEFAULT_THRESHOLD_PCT})",
     )
-    p.add_argument("--confidence", type=float, default=0.95, help="bootstrap interval level (0.95)")
+    p.add_argument(
+        "--confidence", type=_confidence, default=0.95, help="bootstrap interval level, 0 < c < 1 (0.95)"
+    )
     p.add_argument("--baselines", help=f"where the threshold files are (default {BASELINES_DIR})")
-    p.add_argument("--out", help="output folder (default runs/bench/compare-<UTC time>-<shas>/)")
+    p.add_argument(
+        "--out", type=out_folder_arg, help="output folder (default runs/bench/compare-<UTC time>-<shas>/)"
+    )
     p.add_argument("--force", action="store_true", help="compare even across GPU models, suite versions ...")
     p.set_defaults(func=cmd_compare)
 
@@ -341,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help="comma-separated: reference,ours (default both)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation; default 3)")
     p.add_argument("--steps", type=int, default=5, help="timed steps for the step time (default 5)")
-    p.add_argument("--out", help="output folder (default runs/bench/profile-<UTC time>-<git sha>/)")
+    p.add_argument(
+        "--out", type=out_folder_arg, help="output folder (default runs/bench/profile-<UTC time>-<git sha>/)"
+    )
     p.add_argument("--dry-run", action="store_true", help="no GPU: synthetic trace, fake times (marked)")
     p.set_defaults(func=cmd_profile)
 

@@ -11,7 +11,7 @@ ratio = head median / base median (a time ratio: > 1 is slower). Verdicts:
   not compared  missing on one side, skipped, or failed in the base (the note says which)
 Exit status: 1 when a record is slower (or newly fails), 0 otherwise, 2 when the runs cannot be
 compared (different GPU models, suite versions, dry-run vs measured, quick vs full; --force compares
-anyway and records what it forced past).
+anyway and records what it forced past) or share no case timed on both sides.
 
 Why two tests, and why these. A run's records carry the raw per-call times (`samples_ms`). Two sources
 of noise separate a base median from a head median:
@@ -230,6 +230,7 @@ def _side(results: dict, path: str | Path | None) -> dict:
         "dry_run": bool(e.get("dry_run")),
         "quick": bool(e.get("quick")),
         "rounds": e.get("rounds"),
+        "suites": sorted({r["suite"] for r in results["records"]}),
     }
 
 
@@ -415,11 +416,33 @@ def default_out(label: str) -> Path:
     return output_folder("compare", label)
 
 
+def nothing_compared(comp: dict) -> str | None:
+    """Why no record of the two runs was compared, or None. A PASS over nothing would read as "no
+    slowdown" (e.g. runs of different suites), so report() exits 2 instead, as for incomparable runs."""
+    rows = comp["rows"]
+    if any(r["verdict"] != "not compared" for r in rows):
+        return None
+    b, h = comp["base"], comp["head"]
+    if all(r["note"].startswith("only in the") for r in rows):
+        return (
+            f"no case is common to both runs (base suites: {', '.join(b['suites']) or 'none'}; head suites: "
+            f"{', '.join(h['suites']) or 'none'}); nothing was compared: give two runs of the same suites"
+        )
+    return (
+        "no case common to both runs has a timing on both sides (skipped, or failed in the base: "
+        "rerun them); nothing was compared"
+    )
+
+
 def report(comp: dict, out_dir: str | Path | None, say=print) -> int:
     """Print the table, write the files; the exit status (1 when something is slower or newly fails)."""
     out = (
         Path(out_dir) if out_dir else default_out(f"{comp['base']['short_sha']}-{comp['head']['short_sha']}")
     )
+    nothing = nothing_compared(comp)
+    if nothing:
+        say(f"bench compare: {nothing}")
+        return 2
     say(format_comparison(comp))
     for p in write_comparison(comp, out):
         say(f"wrote {p}")

@@ -485,11 +485,11 @@ def run_dist(args) -> int:
     if not env["cuda_available"] and not dry:
         print(f"bench dist: no CUDA GPU ({env['no_gpu_reason']}): nothing was measured.")
         print("Without GPUs, walk the whole path on gloo ranks: python -m bench dist --dry-run")
-        return 0
-    n = args.nproc or (2 if dry else torch.cuda.device_count())
-    if n < 2:
-        print(f"bench dist: needs at least 2 GPUs (--nproc {n}); nothing was measured.")
-        return 0 if args.nproc is None else 2
+        return 2  # nothing measured is not a success
+    n = args.nproc or (2 if dry else torch.cuda.device_count())  # --nproc given is >= 2 (_nproc)
+    if n < 2:  # auto on a machine with one GPU
+        print(f"bench dist: needs at least 2 GPUs ({n} visible); nothing was measured.")
+        return 2
     now = dt.datetime.now(dt.timezone.utc)
     out = Path(args.out) if args.out else output_folder("dist", env["git"]["short_sha"], now)
     out.mkdir(parents=True, exist_ok=True)
@@ -546,11 +546,24 @@ def run_dist(args) -> int:
     return 0
 
 
+def _nproc(value: str) -> int:
+    """--nproc: 2 or more (N GPUs are compared with 1; 0 used to fall back to 2 silently)."""
+    n = int(value) if value.lstrip("-").isdigit() else 0
+    if n < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value}: bench dist needs at least 2 processes (it compares N GPUs with 1); "
+            "leave --nproc out to use every visible GPU"
+        )
+    return n
+
+
 def add_parser(sub) -> None:
+    from bench.env import out_folder_arg
+
     p = sub.add_parser(
         "dist", help="sharded Muon and train.py's step on N GPUs vs 1 (torchrun), exposed comm"
     )
-    p.add_argument("--nproc", type=int, default=None, help="GPUs (default: all visible)")
+    p.add_argument("--nproc", type=_nproc, default=None, help="GPUs, at least 2 (default: all visible)")
     p.add_argument(
         "--modes", choices=("flat", "looped", "both"), default="both", help="loop mode(s) of the step"
     )
@@ -558,7 +571,9 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer timed steps")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds for each of the two launches")
     p.add_argument("--keep-traces", action="store_true", help="keep the profiled traces under --out")
-    p.add_argument("--out", help="output folder (default runs/bench/dist-<UTC time>-<git sha>/)")
+    p.add_argument(
+        "--out", type=out_folder_arg, help="output folder (default runs/bench/dist-<UTC time>-<git sha>/)"
+    )
     p.add_argument("--dry-run", action="store_true", help="no GPU: gloo ranks on the CPU, tiny sizes, FAKE")
     p.set_defaults(func=run_dist)
 

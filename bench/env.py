@@ -7,6 +7,7 @@ from the same pieces. Measured ceilings come from bench.harness.measure_ceilings
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -37,6 +38,18 @@ def output_folder(kind: str, label: str, now: dt.datetime | None = None) -> Path
     (train.py's runs are beside it under runs/)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     return Path("runs") / "bench" / f"{kind + '-' if kind else ''}{now:%Y%m%dT%H%M%SZ}-{label}"
+
+
+def out_folder_arg(value: str) -> str:
+    """argparse type of every --out: refuse a path a folder cannot be made at (a file there or on the
+    way) up front, not as a FileExistsError after the work is done."""
+    path = Path(value)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{existing} is a file, not a folder; give a folder path for the outputs (created if missing)"
+        )
+    return value
 
 
 def datasheet_peaks(gpu_name: str | None) -> dict | None:

@@ -42,6 +42,7 @@ import datetime as dt
 import gzip
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -493,9 +494,13 @@ def run_profile(args) -> int:
 
     env = collect_env()
     if not env["cuda_available"] and not args.dry_run:
-        print(f"bench profile: no CUDA GPU ({env['no_gpu_reason']}): nothing was profiled.")
-        print("Without a GPU, walk the whole path on a synthetic trace: python -m bench profile --dry-run")
-        return 0
+        # exit 2 (as bench gate): nothing was measured, which a script must not take for success
+        print(
+            f"bench profile: no CUDA GPU ({env['no_gpu_reason']}): nothing was profiled. "
+            "Without a GPU, walk the whole path on a synthetic trace: python -m bench profile --dry-run",
+            file=sys.stderr,
+        )
+        return 2
     modes = list(MODES) if args.looping == "both" else [args.looping]
     providers = args.providers.split(",") if args.providers else list(PROVIDERS)
     unknown = [p for p in providers if p not in PROVIDERS]
