@@ -451,9 +451,8 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     else:
         start_step, elapsed = 0, 0.0
         if resume:
-            forced = start.forced  # checked at start-up, before the run folder was touched
             reasons.append(f"resumed from {resume} at step {meta['step']}")
-            reasons += [f"forced: {p}" for p in forced]
+            reasons += [f"forced: {p}" for p in start.forced]  # checked at start-up, before the folder
             if not meta.get("record_eligible", True):
                 reasons.append("the resumed run was already non-record")
             trainer.non_record = reasons

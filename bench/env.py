@@ -41,13 +41,14 @@ def output_folder(kind: str, label: str, now: dt.datetime | None = None) -> Path
 
 
 def out_folder_arg(value: str) -> str:
-    """argparse type of every --out: refuse a path a folder cannot be made at (a file there or on the
-    way) up front, not as a FileExistsError after the work is done."""
-    path = Path(value)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
+    """argparse type of every --out: refuse a path no folder can be made at up front, not as an error
+    after the work is done."""
+    from model.atomic import folder_blocker
+
+    problem = folder_blocker(value)
+    if problem:
         raise argparse.ArgumentTypeError(
-            f"{existing} is a file, not a folder; give a folder path for the outputs (created if missing)"
+            f"{problem}; give a folder path for the outputs (created if missing)"
         )
     return value
 

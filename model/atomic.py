@@ -80,3 +80,18 @@ def remove_temporaries(root: str | os.PathLike) -> tuple[int, int]:
         size += p.stat().st_size
         p.unlink(missing_ok=True)
     return len(files), size
+
+
+def folder_blocker(path: str | os.PathLike) -> str | None:
+    """Why no folder can be made at ``path`` (None: it is one, or can be made): a file there or on the way,
+    or a place this process cannot write. A probe folder is made and removed at once: permissions alone do
+    not tell (root, /proc, read-only mounts)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".probe-").cleanup()
+    except OSError as exc:
+        return f"cannot create a folder in {existing} ({exc.strerror})"
+    return None

@@ -15,11 +15,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from .atomic import atomic_write, remove_temporaries
+from .atomic import atomic_write, folder_blocker, remove_temporaries
 
 LOCK = ".lock"
 
@@ -45,16 +44,11 @@ def check_run_id(run_id: str) -> None:
 
 def check_out_dir(out_dir: str) -> None:
     """--out-dir is a folder this process can write in, or can be made where it is asked for."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise SystemExit(f"--out-dir {out_dir}: exists and is not a folder; pass a folder (default: runs)")
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    try:  # a probe made and removed at once: permissions alone do not tell (root, /proc, read-only mounts)
-        tempfile.TemporaryDirectory(dir=existing, prefix=".probe-").cleanup()
-    except OSError as exc:
-        raise SystemExit(
-            f"--out-dir {out_dir}: cannot create a folder in {existing} ({exc.strerror}); pass another folder"
-        ) from None
+    problem = folder_blocker(out_dir)
+    if problem:
+        raise SystemExit(f"--out-dir {out_dir}: {problem}; pass another folder")
 
 
 def holds_a_run(run_dir: Path) -> bool:

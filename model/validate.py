@@ -73,7 +73,7 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     accum, _ = batch_layout(cfg, pd.world)
     check_memory(cfg, mcfg, pd, accum, eval_only is not None, args.device, args.allow_large_cpu, log)
     check_kernels_can_run(mcfg, pd.device)
-    forced = check_resume(resume, meta, cfg, pd, accum, args.force) if resume else []
+    forced = check_resumable(resume, meta, cfg, pd, accum, args.force) if resume else []
 
     decision, folder = None, None
     if pd.main:  # rank 0 looks at the folder (and locks a continued run's); every rank gets its answer
@@ -122,7 +122,7 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     return Startup(cfg, mcfg, data, run_id, run_dir, folder, eval_only, resume, meta, forced)
 
 
-def check_resume(resume: Path, meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> list[str]:
+def check_resumable(resume: Path, meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> list[str]:
     """Before the run folder is touched (a refused resume changes nothing in it): the same layout, the
     same config and code unless forced, and steps left to train."""
     forced = checkpoint.check_resume(meta, cfg, pd, accum, force)
@@ -239,23 +239,19 @@ def check_memory(cfg, mcfg, pd: Dist, accum: int, eval_only: bool, device_arg: s
 
 
 def check_artifact(path: Path, mcfg: GPTConfig) -> None:
-    """The artifact is readable (its CRC holds) and holds every tensor of this config's model."""
-    from .quant import ArtifactError, dequantize_state_dict, read_artifact
+    """The artifact is readable (its CRC holds) and holds every tensor of this config's model, in its shape
+    (read from the stored tensors: an int6 matrix's codes have the matrix's shape; nothing is dequantised)."""
+    from .quant import ArtifactError, read_artifact
 
     try:
         tensors, meta = read_artifact(path)
     except ArtifactError as exc:
         raise SystemExit(str(exc)) from None
+    shapes = {n: tensors[n if info["s"] == "pt" else n + ".q"].shape for n, info in meta.items()}
     with torch.device("meta"):
         template = GPT(mcfg).unbanked_state_dict()
-    missing = sorted(set(template) - set(meta))
-    if missing:
-        raise SystemExit(
-            f"{path}: the artifact lacks {len(missing)} tensors of the model this config builds (e.g. "
-            f"{missing[:3]}): its run's config.json is not beside it or flags change the model; pass the "
-            "flags of the run that made it (--preset, --model-*)"
-        )
-    _same_shapes(path, dequantize_state_dict(tensors, meta), template)
+    fix = "its run's config.json is not beside it or flags change the model; pass the flags of the run that "
+    _matches_model(path, "the artifact", shapes, template, fix + "made it (--preset, --model-*)")
 
 
 def check_checkpoint_model(path: Path, mcfg: GPTConfig) -> None:
@@ -263,25 +259,26 @@ def check_checkpoint_model(path: Path, mcfg: GPTConfig) -> None:
     payload = torch.load(path / "rank0.pt", map_location="cpu", mmap=True, weights_only=False)
     with torch.device("meta"):
         template = GPT(mcfg).state_dict()
-    missing = sorted(set(template) - set(payload["model"]))
+    shapes = {n: t.shape for n, t in payload["model"].items()}
+    fix = "flags change the model; drop the --model-* flags that differ from its run"
+    _matches_model(path / "rank0.pt", "the checkpoint", shapes, template, fix)
+
+
+def _matches_model(path: Path, what: str, shapes: dict, template: dict, fix: str) -> None:
+    """Every tensor of `template` is among the saved `shapes`, in its shape; else a refusal naming `path`."""
+    missing = sorted(set(template) - set(shapes))
     if missing:
         raise SystemExit(
-            f"{path / 'rank0.pt'}: lacks {len(missing)} tensors of the model this config builds (e.g. "
-            f"{missing[:3]}): flags change the model; drop the --model-* flags that differ from its run"
+            f"{path}: {what} lacks {len(missing)} tensors of the model this config builds (e.g. "
+            f"{missing[:3]}): {fix}"
         )
-    _same_shapes(path / "rank0.pt", payload["model"], template)
-
-
-def _same_shapes(path: Path, saved: dict, template: dict) -> None:
     wrong = [
-        f"{n} {tuple(saved[n].shape)} vs {tuple(t.shape)}"
-        for n, t in template.items()
-        if saved[n].shape != t.shape
+        f"{n} {tuple(shapes[n])} vs {tuple(t.shape)}" for n, t in template.items() if shapes[n] != t.shape
     ]
     if wrong:
         raise SystemExit(
             f"{path}: {len(wrong)} tensors have other shapes than the model this config builds (saved vs "
-            f"now, e.g. {wrong[:2]}): flags change the model; pass the flags of the run that made it"
+            f"now, e.g. {wrong[:2]}): {fix}"
         )
 
 
