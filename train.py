@@ -53,6 +53,7 @@ import torch
 from bench.env import peak_flops, run_environment
 from model import checkpoint, validate
 from model.atomic import write_json
+from model.config import KERNEL_IMPL_FIELDS
 from model.data import RankBatches, RunData, ShuffledSequenceLoader
 from model.evaluate import eval_non_overlapping, eval_sliding_window, ttt_score_first
 from model.preflight import confirm_on_path, run_preflight
@@ -442,7 +443,8 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     log(
         f"model {cfg.model_preset}: {n_params:,} parameters | world {pd.world} x accum {trainer.accum} x "
         f"{trainer.micro_seqs} seqs x {cfg.train_seq_len} = {cfg.train_batch_tokens:,} tokens/step | "
-        f"kernels mlp={mcfg.mlp_impl} ce={mcfg.ce_impl} | muon {cfg.muon_impl} | "
+        f"kernels {' '.join(f'{n[:-5]}={getattr(mcfg, n)}' for n in KERNEL_IMPL_FIELDS)} | "
+        f"muon {cfg.muon_impl} | "
         f"compiled {trainer.model_c is not trainer.model}"
     )
     if eval_only:  # a checkpoint directory: evaluate its EMA weights through the whole post-training path

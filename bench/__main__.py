@@ -9,6 +9,7 @@ python -m bench compare --revs REV_A REV_B [SUITE ...] the same for two revision
 python -m bench profile [--accum N] [--looping MODE]   where one train.py step goes (torch.profiler)
 python -m bench check [--json FILE]                    prove our kernels on this GPU before training
 python -m bench dist [--nproc N] [--quick] [--dry-run] sharded Muon and train.py's step on N GPUs vs 1
+python -m bench parity --revs REV_A REV_B [--steps N]  train.py's loss curve at two revisions, step by step
 """
 
 from __future__ import annotations
@@ -239,6 +240,18 @@ def cmd_profile(args) -> int:
     return run_profile(args)
 
 
+def cmd_parity(args) -> int:
+    from bench.parity import run_parity
+
+    out = Path(args.out) if args.out else output_folder("parity", f"{args.revs[0]}-{args.revs[1]}")
+    try:
+        return run_parity(*args.revs, steps=args.steps, looped=args.looped, preset=args.preset, out=out,
+                          tol=args.tol)  # fmt: skip
+    except ValueError as exc:
+        print(f"bench parity: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_check(args) -> int:
     from model.preflight import check_kernels, format_table
 
@@ -385,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.add_argument("--no-time", action="store_true", help="correctness only (no timing against references)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("parity", help="train.py's loss curves at two revisions, step by step (one seed)")
+    p.add_argument("--revs", nargs=2, required=True, metavar=("REV_A", "REV_B"), help="base and head commits")
+    p.add_argument("--steps", type=int, default=30, help="training steps of each run (default 30)")
+    p.add_argument("--looped", action="store_true", help="depth recurrence on from step 1")
+    p.add_argument("--preset", default="record", choices=("record", "tiny"), help="train.py preset")
+    p.add_argument("--tol", type=float, default=0.004, help="largest allowed per-step |loss difference|")
+    p.add_argument("--out", type=out_folder_arg, help="output folder (default runs/bench/parity-<time>)")
+    p.set_defaults(func=cmd_parity)
 
     from bench.dist import add_parser
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from kernels._runtime import IMPLS
 from kernels.attention import IMPLS as ATTN_IMPLS
 
+# The GPTConfig fields that choose one of our Triton kernels or its reference ("auto" | "triton" | "torch").
+KERNEL_IMPL_FIELDS = ("mlp_impl", "ce_impl", "qk_impl", "norm_impl")
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -49,9 +52,13 @@ class GPTConfig:
     # Size of the eval-time bigram hash embedding (GPT.enable_hash_embedding); off by default.
     hash_embed_size: int = 16384
     train_seq_len: int = 2048
-    # Kernel selection (kernels.fused_mlp / kernels.softcapped_cross_entropy): "auto" | "triton" | "torch".
+    # Kernel selection, "auto" | "triton" | "torch" (the reference) per family: kernels.fused_mlp,
+    # kernels.softcapped_cross_entropy, kernels.qk_norm_rope (q/k RMSNorm + partial RoPE + gain),
+    # kernels.residual_rms_norm (residual mixing + the RMSNorm that reads it).
     mlp_impl: str = "auto"
     ce_impl: str = "auto"
+    qk_impl: str = "auto"
+    norm_impl: str = "auto"
     # Attention (kernels.attention): "auto" (the fastest correct backend here, measured) | "sdpa"
     # (PyTorch's own selection: the reference) | one backend ("cudnn", "flash", "fa3", ...).
     attn_impl: str = "auto"
@@ -83,7 +90,7 @@ class GPTConfig:
         need(0 <= self.xsa_last_n <= self.num_layers, f"xsa_last_n {self.xsa_last_n} not in [0, num_layers]")
         need(self.logit_softcap > 0, f"logit_softcap {self.logit_softcap} must be > 0")
         need(self.hash_embed_size > 0, f"hash_embed_size {self.hash_embed_size} must be > 0")
-        for name in ("mlp_impl", "ce_impl"):
+        for name in KERNEL_IMPL_FIELDS:
             need(getattr(self, name) in IMPLS, f"{name}={getattr(self, name)!r}, expected one of {IMPLS}")
         need(self.attn_impl in ATTN_IMPLS, f"attn_impl={self.attn_impl!r}, expected one of {ATTN_IMPLS}")
 

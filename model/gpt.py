@@ -116,21 +116,13 @@ class Rotary(nn.Module):
         t = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
         return torch.outer(t, inv_freq)
 
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype):
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin tables (seq_len, rope_dims/2): the fp32 buffers, or recomputed when they cannot serve."""
         table = self.cos_table
         if seq_len <= table.size(0) and table.dtype == torch.float32 and table.device == device:
-            cos, sin = table[:seq_len], self.sin_table[:seq_len]
-        else:
-            freqs = self._angles(seq_len, device)
-            cos, sin = freqs.cos(), freqs.sin()
-        # (1, T, 1, rope_dims/2) for (B, T, H, D) activations.
-        return cos[None, :, None, :].to(dtype), sin[None, :, None, :].to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = cos.size(-1)
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
+            return table[:seq_len], self.sin_table[:seq_len]
+        freqs = self._angles(seq_len, device)
+        return freqs.cos(), freqs.sin()
 
 
 def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -159,11 +151,13 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(d, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(d, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))).float())
+        # The kernel of each family (GPTConfig.*_impl); plain strings, constants to torch.compile.
+        self.impl = {f: getattr(config, f"{f}_impl") for f in ("attn", "mlp", "qk", "norm")}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, xsa={self.use_xsa}, ln_scale={self.ln_scale_factor:.4f}"
 
-    def attention(self, x, w_q, w_k, w_v, w_o, cos, sin, attn_impl: str, observe: Observer | None):
+    def attention(self, x, w_q, w_k, w_v, w_o, cos, sin, observe: Observer | None):
         b, t, _ = x.shape
         i = self.layer_idx
         if observe is not None:
@@ -171,10 +165,9 @@ class Block(nn.Module):
         q = F.linear(x, w_q).reshape(b, t, self.num_heads, self.head_dim)
         k = F.linear(x, w_k).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = F.linear(x, w_v).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = kernels.causal_attention(q, k, v, attn_impl)
+        q = kernels.qk_norm_rope(q, cos, sin, self.q_gain, self.impl["qk"])
+        k = kernels.qk_norm_rope(k, cos, sin, None, self.impl["qk"])
+        y = kernels.causal_attention(q, k, v, self.impl["attn"])
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         y = y.reshape(b, t, -1)
@@ -182,9 +175,9 @@ class Block(nn.Module):
             observe((legacy_name(i, "o"),), y.detach().reshape(-1, y.size(-1)))
         return F.linear(y, w_o)
 
-    def mlp(self, x, w_up, w_down, mlp_impl: str, observe: Observer | None):
+    def mlp(self, x, w_up, w_down, observe: Observer | None):
         if observe is None:
-            return kernels.fused_mlp(x, w_up, w_down, impl=mlp_impl)
+            return kernels.fused_mlp(x, w_up, w_down, impl=self.impl["mlp"])
         # Calibration path: the reference math, exposing both matmul inputs.
         i = self.layer_idx
         observe((legacy_name(i, "up"),), x.detach().reshape(-1, x.size(-1)))
@@ -192,22 +185,25 @@ class Block(nn.Module):
         observe((legacy_name(i, "down"),), h.detach().reshape(-1, h.size(-1)))
         return F.linear(h, w_down)
 
-    def attn_residual(self, x, x0, w, cos, sin, attn_impl, observe):
-        """resid_mix with x0, then x_in + attn_scale * Attn(rmsnorm(x_in) * s)."""
-        mix = self.resid_mix.to(x.dtype)
-        x_in = mix[0] * x + mix[1] * x0
-        x_n = rms_norm(x_in) * self.ln_scale_factor
-        a = self.attention(x_n, w.q, w.k, w.v, w.o, cos, sin, attn_impl, observe)
-        return x_in + self.attn_scale.to(x.dtype) * a
+    def attn_residual(self, x, x0, w, cos, sin, observe):
+        """(x_in, Attn(rmsnorm(x_in) * s)) with x_in = resid_mix[0] * x + resid_mix[1] * x0. The caller adds
+        attn_scale * Attn to x_in: inside the norm that reads the sum, where one does (mlp_residual)."""
+        mix, s = self.resid_mix, self.ln_scale_factor
+        x_in, x_n = kernels.residual_rms_norm((x, x0), (mix[0], mix[1]), s, self.impl["norm"])
+        return x_in, self.attention(x_n, w.q, w.k, w.v, w.o, cos, sin, observe)
 
-    def mlp_residual(self, x, w, mlp_impl, observe):
-        """x + mlp_scale * MLP(rmsnorm(x) * s) (no resid_mix)."""
-        m = self.mlp(rms_norm(x) * self.ln_scale_factor, w.up, w.down, mlp_impl, observe)
-        return x + self.mlp_scale.to(x.dtype) * m
+    def mlp_residual(self, x, w, observe, attn: torch.Tensor | None = None):
+        """h + mlp_scale * MLP(rmsnorm(h) * s) with h = x + attn_scale * attn (h = x when attn is None)."""
+        s = self.ln_scale_factor
+        if attn is None:  # the MLP lane: no sum to form, and h is x itself
+            h, x_n = x, rms_norm(x) * s
+        else:
+            h, x_n = kernels.residual_rms_norm((x, attn), (None, self.attn_scale), s, self.impl["norm"])
+        return h + self.mlp_scale.to(h.dtype) * self.mlp(x_n, w.up, w.down, observe)
 
-    def forward(self, x, x0, w, cos, sin, attn_impl: str, mlp_impl: str, observe: Observer | None = None):
-        x = self.attn_residual(x, x0, w, cos, sin, attn_impl, observe)
-        return self.mlp_residual(x, w, mlp_impl, observe)
+    def forward(self, x, x0, w, cos, sin, observe: Observer | None = None):
+        x_in, a = self.attn_residual(x, x0, w, cos, sin, observe)
+        return self.mlp_residual(x_in, w, observe, attn=a)
 
 
 class GPT(nn.Module):
@@ -307,13 +303,13 @@ class GPT(nn.Module):
             x = x + self.hash_embed(self.hash_keys(ids)).to(x.dtype)
         x0 = x
         dtype = x.dtype
-        cos, sin = self.rotary(ids.size(1), ids.device, dtype)
-        attn_impl, mlp_impl, observe = cfg.attn_impl, cfg.mlp_impl, self._observer
+        cos, sin = self.rotary(ids.size(1), ids.device)
+        observe = self._observer
         enc, dec = virtual_layout(cfg, self.looping)
 
         skips = []
         for i in enc:
-            x = self.blocks[i](x, x0, self._weights(i, dtype), cos, sin, attn_impl, mlp_impl, observe)
+            x = self.blocks[i](x, x0, self._weights(i, dtype), cos, sin, observe)
             skips.append(x)
 
         lane_a = lane_m = None  # attention lane / MLP lane, once split
@@ -327,12 +323,13 @@ class GPT(nn.Module):
                     cur = cur + skip
             block, w = self.blocks[i], self._weights(i, dtype)
             if lane_a is None and i < cfg.parallel_start_layer:
-                x = block(cur, x0, w, cos, sin, attn_impl, mlp_impl, observe)
+                x = block(cur, x0, w, cos, sin, observe)
                 continue
             if lane_a is None:
                 lane_m = cur
-            lane_a = block.attn_residual(cur, x0, w, cos, sin, attn_impl, observe)
-            lane_m = block.mlp_residual(lane_m, w, mlp_impl, observe)
+            x_in, a = block.attn_residual(cur, x0, w, cos, sin, observe)
+            lane_a = x_in + block.attn_scale.to(dtype) * a
+            lane_m = block.mlp_residual(lane_m, w, observe)
         if lane_a is not None:
             lam = self.lane_merge.to(dtype)
             x = lam * lane_a + (1 - lam) * lane_m

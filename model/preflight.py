@@ -7,6 +7,10 @@ GPU (small shapes under the Triton interpreter on a CPU):
   mlp_bwd   kernels.mlp.act_grad dpre = (dY @ w_down) * f'(pre)                        vs fp32 math
   ce_fwd    kernels.softcapped_cross_entropy, per-row losses                           vs fp32 math
   ce_bwd    its gradient d loss / d logits                                             vs fp32 math
+  qk_fwd    kernels.qk_norm_rope, q head RMSNorm + partial RoPE + gain                 vs fp32 math
+  qk_bwd    its gradients d x and d gain                                               vs fp32 math
+  norm_fwd  kernels.residual_rms_norm, block entry: h = m0 x + m1 x0, n = rms_norm(h) s  vs fp32 math
+  norm_bwd  its gradients d x, d x0, d m0, d m1                                         vs fp32 math
   muon      optim.Muon's fast step (compiled, CUDA-graphed) vs its eager step; NS vs fp64
 
 Outputs are poisoned with NaN before each launch and must come back fully written. Error is the relative
@@ -30,16 +34,21 @@ import torch.nn.functional as F
 
 from kernels import _runtime, mlp
 from kernels.cross_entropy import softcapped_cross_entropy, softcapped_cross_entropy_ref
+from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.residual_norm import residual_rms_norm, residual_rms_norm_ref
 
 MLP_TOL = 4e-3  # the GPU tier's bound for every bf16 MLP tensor and the CE loss and gradient
 FP32_TOL = 1e-5  # fp32 under the interpreter: reordered fp32 sums only (the interpreter tier's bound)
 MUON_TOL = 2e-2  # compiled vs eager Muon update: a few flipped bf16 roundings, amplified by NS
 NS_FACTOR = 1.25  # NS may be at most this much worse than the plain bf16 bmm iteration (GPU tier)
 SOFTCAP = 30.0
-RECORD = dict(M=48 * 2048, K=512, N=2048, V=8192)
-SMALL = dict(M=77, K=64, N=128, V=1000)  # under the interpreter: ragged M, several tiles, seconds
-# Which config field each check guards: a failed check switches that kernel to its reference.
-GUARDS = {"mlp_fwd": "mlp", "mlp_bwd": "mlp", "ce_fwd": "ce", "ce_bwd": "ce", "muon": "muon"}
+# B x T = M rows of q with H heads of D (the record's q: 48 x 2048 x 8 x 64, RoPE on 2P = 16 dims)
+RECORD = dict(M=48 * 2048, K=512, N=2048, V=8192, B=48, T=2048, H=8, D=64, P=8)
+SMALL = dict(M=77, K=64, N=128, V=1000, B=3, T=29, H=4, D=64, P=8)  # interpreter: ragged, seconds
+# The kernel families a run can switch to their references (GPTConfig.<family>_impl), the checks that
+# guard each one, and the launch counters that prove it ran.
+FAMILIES = {f: (f"{f}_fwd", f"{f}_bwd") for f in ("mlp", "ce", "qk", "norm")}
+GUARDS = {check: family for family, checks in FAMILIES.items() for check in checks} | {"muon": "muon"}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,6 +164,84 @@ def _check_ce(shape: dict, dtype, device, timed: bool) -> list[dict]:
     ]  # fmt: skip
 
 
+def _check_qk(shape: dict, dtype, device, timed: bool) -> list[dict]:
+    b, t, h, d, p = (shape[k] for k in "BTHDP")
+    x = torch.randn(b, t, h, d, device=device).to(dtype)
+    angles = torch.arange(t, device=device)[:, None] * (1e4 ** -(torch.arange(p, device=device) / p))
+    cos, sin = angles.cos(), angles.sin()
+    gain = torch.rand(h, device=device) + 4.5  # q_gain's scale (init 5.0)
+    g = torch.randn(b, t, h, d, device=device).to(dtype)
+
+    def out_grads(fn, xx, gg):
+        xx, gg = xx.detach().requires_grad_(), gg.detach().requires_grad_()
+        out = fn(xx, cos, sin, gg)
+        return (out.detach(), *torch.autograd.grad(out, (xx, gg), g.to(out.dtype)))
+
+    ours = lambda *a: qk_norm_rope(*a, impl="triton")  # noqa: E731
+    with _runtime.poisoned_outputs():
+        out, dx, dgain = out_grads(ours, x, gain)
+    ref = out_grads(qk_norm_rope_ref, x.float(), gain)
+    same = out_grads(qk_norm_rope_ref, x, gain)
+    fwd_err, fwd_same = _rel(out, ref[0]), _rel(same[0], ref[0])
+    bwd_err = max(_rel(dx, ref[1]), _rel(dgain, ref[2]))
+    bwd_same = max(_rel(same[1], ref[1]), _rel(same[2], ref[2]))
+    ms = ref_ms = bwd_ms = bwd_ref_ms = None
+    if timed:
+        ref_c = _compiled(qk_norm_rope_ref, device)
+        ms, ref_ms = (
+            _median_ms(lambda: ours(x, cos, sin, gain), device),
+            _median_ms(lambda: ref_c(x, cos, sin, gain), device),
+        )
+        xg, gg = x.detach().requires_grad_(), gain.detach().requires_grad_()
+        bwd_ms = _median_ms(lambda: torch.autograd.grad(ours(xg, cos, sin, gg), (xg, gg), g), device)
+        bwd_ref_ms = _median_ms(lambda: torch.autograd.grad(ref_c(xg, cos, sin, gg), (xg, gg), g), device)
+    return [
+        _verdict("qk_fwd", fwd_err, _limit(fwd_same, dtype), not out.isnan().any(), ms, ref_ms,
+                 same_dtype_error=fwd_same),
+        _verdict("qk_bwd", bwd_err, _limit(bwd_same, dtype), not (dx.isnan().any() or dgain.isnan().any()),
+                 bwd_ms, bwd_ref_ms, same_dtype_error=bwd_same),
+    ]  # fmt: skip
+
+
+def _check_norm(shape: dict, dtype, device, timed: bool) -> list[dict]:
+    m, d = shape["M"], shape["K"]
+    x, x0 = (torch.randn(m, d, device=device).to(dtype) for _ in range(2))
+    mix = torch.stack((torch.rand(d, device=device) + 0.5, torch.randn(d, device=device) * 0.3))
+    g_h, g_n = (torch.randn(m, d, device=device).to(dtype) for _ in range(2))
+    scale = 1 / 3**0.5  # a layer's ln_scale
+
+    def out_grads(fn, a, b):
+        leaves = [a.detach().requires_grad_(), b.detach().requires_grad_(), mix.detach().requires_grad_()]
+        h, n = fn((leaves[0], leaves[1]), (leaves[2][0], leaves[2][1]), scale)
+        grads = torch.autograd.grad((h, n), leaves, (g_h.to(h.dtype), g_n.to(n.dtype)))
+        return [h.detach(), n.detach()], list(grads)
+
+    ours = lambda *a: residual_rms_norm(*a, impl="triton")  # noqa: E731
+    with _runtime.poisoned_outputs():
+        outs, grads = out_grads(ours, x, x0)
+    ref_outs, ref_grads = out_grads(residual_rms_norm_ref, x.float(), x0.float())
+    same_outs, same_grads = out_grads(residual_rms_norm_ref, x, x0)
+    worst = lambda got, ref: max(_rel(a, r) for a, r in zip(got, ref))  # noqa: E731
+    written = lambda ts: not any(t.isnan().any() for t in ts)  # noqa: E731
+    ms = ref_ms = bwd_ms = bwd_ref_ms = None
+    if timed:
+        ref_c = _compiled(residual_rms_norm_ref, device)
+        w = (mix[0], mix[1])
+        ms, ref_ms = (
+            _median_ms(lambda: ours((x, x0), w, scale), device),
+            _median_ms(lambda: ref_c((x, x0), w, scale), device),
+        )
+        bwd_ms = _median_ms(lambda: out_grads(ours, x, x0), device)
+        bwd_ref_ms = _median_ms(lambda: out_grads(ref_c, x, x0), device)
+    fwd_same, bwd_same = worst(same_outs, ref_outs), worst(same_grads, ref_grads)
+    return [
+        _verdict("norm_fwd", worst(outs, ref_outs), _limit(fwd_same, dtype), written(outs), ms, ref_ms,
+                 same_dtype_error=fwd_same),
+        _verdict("norm_bwd", worst(grads, ref_grads), _limit(bwd_same, dtype), written(grads), bwd_ms,
+                 bwd_ref_ms, same_dtype_error=bwd_same),
+    ]  # fmt: skip
+
+
 def _check_muon(device: torch.device, timed: bool) -> dict:
     from optim import Muon, newton_schulz
     from optim.newton_schulz import newton_schulz_ref
@@ -204,12 +291,14 @@ def check_kernels(device: torch.device, timed: bool = True) -> dict:
     }
     rows: list[dict] = []
     if blocker is not None:
-        for name in ("mlp_fwd", "mlp_bwd", "ce_fwd", "ce_bwd"):
-            rows.append({"kernel": name, "status": "skipped", "reason": blocker})
+        for checks in FAMILIES.values():
+            rows += [{"kernel": name, "status": "skipped", "reason": blocker} for name in checks]
     else:
         shape, dtype = (RECORD, torch.bfloat16) if device.type == "cuda" else (SMALL, torch.float32)
         rows += _check_mlp(shape, dtype, device, timed and device.type == "cuda")
         rows += _check_ce(shape, dtype, device, timed and device.type == "cuda")
+        rows += _check_qk(shape, dtype, device, timed and device.type == "cuda")
+        rows += _check_norm(shape, dtype, device, timed and device.type == "cuda")
     rows.append(_check_muon(device, timed and device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -234,15 +323,14 @@ def format_table(result: dict) -> str:
 
 
 def failed(result: dict) -> list[str]:
-    """The guarded kernels (mlp, ce, muon) whose check failed."""
+    """The guarded kernel families (FAMILIES, and muon) whose check failed."""
     return sorted({GUARDS[r["kernel"]] for r in result["kernels"] if r["status"] == "fail"})
 
 
 def kernels_on_path(expected: list[str]) -> dict[str, bool]:
-    """For each of our kernels the run kept ("mlp", "ce"): was it launched since the process started?
+    """For each kernel family the run kept ("mlp", "ce", ...): was it launched since the process started?
     kernels._runtime.launches counts launches at run time, also from inside compiled graphs."""
-    names = {"mlp": ("mlp_fwd", "mlp_bwd"), "ce": ("ce_fwd", "ce_bwd")}
-    return {k: all(_runtime.launches[n] > 0 for n in names[k]) for k in expected if k in names}
+    return {k: all(_runtime.launches[n] > 0 for n in FAMILIES[k]) for k in expected if k in FAMILIES}
 
 
 def one_attention_backend(cfg, pd, log):
@@ -290,7 +378,7 @@ def run_preflight(cfg, pd, log) -> tuple:
     result = check_kernels(pd.device)
     for line in format_table(result).splitlines():
         log(f"preflight: {line}")
-    bad = [guard for guard in ("mlp", "ce", "muon") if pd.any(guard in failed(result))]
+    bad = [guard for guard in (*FAMILIES, "muon") if pd.any(guard in failed(result))]
     if bad and cfg.preflight == "strict":
         raise SystemExit(
             f"preflight (strict): kernel check failed for {', '.join(bad)} on this machine (table above); "
@@ -313,14 +401,11 @@ def confirm_on_path(record: dict, mcfg, cfg, device: torch.device, log) -> dict:
     import kernels.attention
 
     blocked = _runtime.platform_blocker(device.type, device.index or 0)
-    expected = [
-        k for k, impl in (("mlp", mcfg.mlp_impl), ("ce", mcfg.ce_impl)) if impl != "torch" and not blocked
-    ]
+    expected = [k for k in FAMILIES if getattr(mcfg, f"{k}_impl") != "torch" and not blocked]
     ran = kernels_on_path(expected)
     graphed = cfg.muon_impl == "banked" and cfg.muon_graphs and device.type == "cuda"
     record["used"] = {
-        "mlp": ran.get("mlp", False),
-        "ce": ran.get("ce", False),
+        **{k: ran.get(k, False) for k in FAMILIES},
         "muon": f"{cfg.muon_impl}, {'CUDA-graphed' if graphed else 'eager'}",
         "attention": mcfg.attn_impl
         if mcfg.attn_impl != "auto"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .config import KERNEL_IMPL_FIELDS, GPTConfig, get_config
 from .config import PRESETS as MODEL_PRESETS
-from .config import GPTConfig, get_config
 from .evaluate import TTTConfig
 
 
@@ -388,8 +388,8 @@ def model_config(cfg: Config, device: torch.device):
         # "auto" would run the Triton kernels in the interpreter when TRITON_INTERPRET=1 (minutes a step).
         impl = "torch"
     overrides = dict(cfg.model_overrides)
-    overrides.setdefault("mlp_impl", impl)
-    overrides.setdefault("ce_impl", impl)
+    for name in KERNEL_IMPL_FIELDS:
+        overrides.setdefault(name, impl)
     # The reference kernels get PyTorch's own attention selection, as the record's script without FA3.
     overrides.setdefault("attn_impl", "sdpa" if impl == "torch" else "auto")
     return get_config(cfg.model_preset, train_seq_len=cfg.train_seq_len, **overrides)

@@ -135,16 +135,17 @@ def check_resumable(resume: Path, meta: dict, cfg: Config, pd: Dist, accum: int,
 
 
 def check_kernels_can_run(mcfg: GPTConfig, device: torch.device) -> None:
-    """Kernels asked for by name (KERNELS=triton, MLP_IMPL, CE_IMPL) are refused where they cannot run
+    """Kernels asked for by name (KERNELS=triton or an *_IMPL variable) are refused where they cannot run
     ("auto" takes the references there)."""
     from kernels._runtime import platform_blocker
+    from model.config import KERNEL_IMPL_FIELDS
 
-    named = [name for name in ("mlp_impl", "ce_impl") if getattr(mcfg, name) == "triton"]
+    named = [name for name in KERNEL_IMPL_FIELDS if getattr(mcfg, name) == "triton"]
     reason = platform_blocker(device.type, device.index or 0) if named else None
     if reason:
         raise SystemExit(
-            f"config {', '.join(named)}='triton' (KERNELS, MLP_IMPL, CE_IMPL): the fused kernels cannot run "
-            f"here ({reason}); use KERNELS=auto (the references where they cannot run) or KERNELS=torch"
+            f"config {', '.join(named)}='triton' (KERNELS or its *_IMPL variable): the fused kernels cannot "
+            f"run here ({reason}); use KERNELS=auto (the references where they cannot run) or KERNELS=torch"
         )
 
 

@@ -42,10 +42,12 @@ QUICK_MODEL = {
 def _setup(batch: int, looping: bool, impl: str, overrides: dict | None = None):
     def setup():
         from model import GPT, get_config
+        from model.config import KERNEL_IMPL_FIELDS
 
         torch.manual_seed(0)
         attn = "sdpa" if impl == "torch" else "auto"  # the reference: PyTorch's own attention selection
-        cfg = get_config("record", mlp_impl=impl, ce_impl=impl, attn_impl=attn, **(overrides or {}))
+        kernels = dict.fromkeys(KERNEL_IMPL_FIELDS, impl)
+        cfg = get_config("record", attn_impl=attn, **kernels, **(overrides or {}))
         model = GPT(cfg).cuda()
         model.to_training_dtypes()
         model.set_looping(looping)

@@ -24,7 +24,9 @@ def fresh_kernels():
 def test_correct_kernels_pass(kernel_device):
     result = preflight.check_kernels(kernel_device)
     status = {r["kernel"]: r["status"] for r in result["kernels"]}
-    assert sorted(status) == ["ce_bwd", "ce_fwd", "mlp_bwd", "mlp_fwd", "muon"]
+    assert sorted(status) == [
+        "ce_bwd", "ce_fwd", "mlp_bwd", "mlp_fwd", "muon", "norm_bwd", "norm_fwd", "qk_bwd", "qk_fwd"
+    ]  # fmt: skip
     allowed = {"pass", "slower"} if kernel_device.type == "cuda" else {"pass"}  # only a GPU is timed
     assert set(status.values()) <= allowed, status
     assert not preflight.failed(result)
