@@ -14,7 +14,7 @@ from kernels._runtime import IMPLS
 from kernels.attention import IMPLS as ATTN_IMPLS
 
 # The GPTConfig fields that choose one of our Triton kernels or its reference ("auto" | "triton" | "torch").
-KERNEL_IMPL_FIELDS = ("mlp_impl", "ce_impl", "qk_impl", "norm_impl")
+KERNEL_IMPL_FIELDS = ("mlp_impl", "ce_impl", "qk_impl", "norm_impl", "xsa_impl")
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,12 @@ class GPTConfig:
     train_seq_len: int = 2048
     # Kernel selection, "auto" | "triton" | "torch" (the reference) per family: kernels.fused_mlp,
     # kernels.softcapped_cross_entropy, kernels.qk_norm_rope (q/k RMSNorm + partial RoPE + gain),
-    # kernels.residual_rms_norm (residual mixing + the RMSNorm that reads it).
+    # kernels.residual_rms_norm (residual mixing + the norm that reads it), kernels.exclusive_self_attention.
     mlp_impl: str = "auto"
     ce_impl: str = "auto"
     qk_impl: str = "auto"
     norm_impl: str = "auto"
+    xsa_impl: str = "auto"
     # Attention (kernels.attention): "auto" (the fastest correct backend here, measured) | "sdpa"
     # (PyTorch's own selection: the reference) | one backend ("cudnn", "flash", "fa3", ...).
     attn_impl: str = "auto"

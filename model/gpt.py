@@ -125,16 +125,6 @@ class Rotary(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
-def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA (SPEC §3.3 step 6): remove from each head's output its component along its own
-    position's unit value vector. y (B,T,H,D), v (B,T,Hkv,D)."""
-    b, t, h, d = y.shape
-    hkv = v.size(-2)
-    y = y.reshape(b, t, hkv, h // hkv, d)
-    vn = F.normalize(v, dim=-1).unsqueeze(-2)
-    return (y - (y * vn).sum(dim=-1, keepdim=True) * vn).reshape(b, t, h, d)
-
-
 class Block(nn.Module):
     """One physical layer's small parameters and its two sublayers; matrices come as arguments."""
 
@@ -152,7 +142,7 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))).float())
         # The kernel of each family (GPTConfig.*_impl); plain strings, constants to torch.compile.
-        self.impl = {f: getattr(config, f"{f}_impl") for f in ("attn", "mlp", "qk", "norm")}
+        self.impl = {f: getattr(config, f"{f}_impl") for f in ("attn", "mlp", "qk", "norm", "xsa")}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, xsa={self.use_xsa}, ln_scale={self.ln_scale_factor:.4f}"
@@ -169,7 +159,7 @@ class Block(nn.Module):
         k = kernels.qk_norm_rope(k, cos, sin, None, self.impl["qk"])
         y = kernels.causal_attention(q, k, v, self.impl["attn"])
         if self.use_xsa:
-            y = exclusive_self_attention(y, v)
+            y = kernels.exclusive_self_attention(y, v, self.impl["xsa"])
         y = y.reshape(b, t, -1)
         if observe is not None:
             observe((legacy_name(i, "o"),), y.detach().reshape(-1, y.size(-1)))

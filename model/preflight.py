@@ -11,6 +11,8 @@ GPU (small shapes under the Triton interpreter on a CPU):
   qk_bwd    its gradients d x and d gain                                               vs fp32 math
   norm_fwd  kernels.residual_rms_norm, block entry: h = m0 x + m1 x0, n = rms_norm(h) s  vs fp32 math
   norm_bwd  its gradients d x, d x0, d m0, d m1                                         vs fp32 math
+  xsa_fwd   kernels.exclusive_self_attention, y - (y . v^) v^ per head                  vs fp32 math
+  xsa_bwd   its gradients d y, d v                                                      vs fp32 math
   muon      optim.Muon's fast step (compiled, CUDA-graphed) vs its eager step; NS vs fp64
 
 Outputs are poisoned with NaN before each launch and must come back fully written. Error is the relative
@@ -36,6 +38,7 @@ from kernels import _runtime, mlp
 from kernels.cross_entropy import softcapped_cross_entropy, softcapped_cross_entropy_ref
 from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from kernels.residual_norm import residual_rms_norm, residual_rms_norm_ref
+from kernels.xsa import exclusive_self_attention, exclusive_self_attention_ref
 
 MLP_TOL = 4e-3  # the GPU tier's bound for every bf16 MLP tensor and the CE loss and gradient
 FP32_TOL = 1e-5  # fp32 under the interpreter: reordered fp32 sums only (the interpreter tier's bound)
@@ -47,7 +50,7 @@ RECORD = dict(M=48 * 2048, K=512, N=2048, V=8192, B=48, T=2048, H=8, D=64, P=8)
 SMALL = dict(M=77, K=64, N=128, V=1000, B=3, T=29, H=4, D=64, P=8)  # interpreter: ragged, seconds
 # The kernel families a run can switch to their references (GPTConfig.<family>_impl), the checks that
 # guard each one, and the launch counters that prove it ran.
-FAMILIES = {f: (f"{f}_fwd", f"{f}_bwd") for f in ("mlp", "ce", "qk", "norm")}
+FAMILIES = {f: (f"{f}_fwd", f"{f}_bwd") for f in ("mlp", "ce", "qk", "norm", "xsa")}
 GUARDS = {check: family for family, checks in FAMILIES.items() for check in checks} | {"muon": "muon"}
 
 
@@ -242,6 +245,37 @@ def _check_norm(shape: dict, dtype, device, timed: bool) -> list[dict]:
     ]  # fmt: skip
 
 
+def _check_xsa(shape: dict, dtype, device, timed: bool) -> list[dict]:
+    b, t, h, d = (shape[k] for k in "BTHD")
+    y = torch.randn(b, t, h, d, device=device).to(dtype)
+    v = torch.randn(b, t, h // 2, d, device=device).to(dtype)  # the record's 2 query heads per kv head
+    g = torch.randn(b, t, h, d, device=device).to(dtype)
+
+    def out_grads(fn, yy, vv):
+        yy, vv = yy.detach().requires_grad_(), vv.detach().requires_grad_()
+        out = fn(yy, vv)
+        return [out.detach(), *torch.autograd.grad(out, (yy, vv), g.to(out.dtype))]
+
+    ours = lambda *a: exclusive_self_attention(*a, impl="triton")  # noqa: E731
+    with _runtime.poisoned_outputs():
+        got = out_grads(ours, y, v)
+    ref = out_grads(exclusive_self_attention_ref, y.float(), v.float())
+    same = out_grads(exclusive_self_attention_ref, y, v)
+    fwd_same, bwd_same = _rel(same[0], ref[0]), max(_rel(a, r) for a, r in zip(same[1:], ref[1:]))
+    ms = ref_ms = bwd_ms = bwd_ref_ms = None
+    if timed:
+        ref_c = _compiled(exclusive_self_attention_ref, device)
+        ms, ref_ms = _median_ms(lambda: ours(y, v), device), _median_ms(lambda: ref_c(y, v), device)
+        bwd_ms = _median_ms(lambda: out_grads(ours, y, v), device)
+        bwd_ref_ms = _median_ms(lambda: out_grads(ref_c, y, v), device)
+    return [
+        _verdict("xsa_fwd", _rel(got[0], ref[0]), _limit(fwd_same, dtype), not got[0].isnan().any(), ms,
+                 ref_ms, same_dtype_error=fwd_same),
+        _verdict("xsa_bwd", max(_rel(a, r) for a, r in zip(got[1:], ref[1:])), _limit(bwd_same, dtype),
+                 not any(a.isnan().any() for a in got[1:]), bwd_ms, bwd_ref_ms, same_dtype_error=bwd_same),
+    ]  # fmt: skip
+
+
 def _check_muon(device: torch.device, timed: bool) -> dict:
     from optim import Muon, newton_schulz
     from optim.newton_schulz import newton_schulz_ref
@@ -299,6 +333,7 @@ def check_kernels(device: torch.device, timed: bool = True) -> dict:
         rows += _check_ce(shape, dtype, device, timed and device.type == "cuda")
         rows += _check_qk(shape, dtype, device, timed and device.type == "cuda")
         rows += _check_norm(shape, dtype, device, timed and device.type == "cuda")
+        rows += _check_xsa(shape, dtype, device, timed and device.type == "cuda")
     rows.append(_check_muon(device, timed and device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import kernels
 from model import GPT, PRESETS, GPTConfig, get_config
+from model.config import KERNEL_IMPL_FIELDS
 from model.gpt import virtual_layout
 from tests.model.reference_gpt import ReferenceGPT
 
@@ -39,7 +40,7 @@ def randomize(model: GPT) -> GPT:
 def tiny(**overrides) -> GPT:
     """The tiny preset with the torch reference kernels: under the CPU test tier TRITON_INTERPRET=1
     makes "auto" run the interpreted Triton kernels, which the kernel tests cover."""
-    return GPT(get_config("tiny", **{"mlp_impl": "torch", "ce_impl": "torch", **overrides}))
+    return GPT(get_config("tiny", **{**dict.fromkeys(KERNEL_IMPL_FIELDS, "torch"), **overrides}))
 
 
 def ids_for(cfg: GPTConfig, b=2, t=16):
@@ -401,7 +402,7 @@ def _record_on_cuda(dtype=torch.bfloat16, **overrides) -> GPT:
 
 def _loss_and_grads(looping: bool, dtype=torch.bfloat16, impl="torch", compiled=False):
     torch._dynamo.reset()
-    model = _record_on_cuda(dtype, mlp_impl=impl, ce_impl=impl)
+    model = _record_on_cuda(dtype, **dict.fromkeys(KERNEL_IMPL_FIELDS, impl))
     model.set_looping(looping)
     fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -451,7 +452,8 @@ def test_gpu_compiled_record_forward_backward(looping):
 @pytest.mark.gpu
 @pytest.mark.parametrize("looping", [False, True])
 def test_gpu_fused_kernels_match_reference(looping):
-    """Eager bf16 with the Triton MLP and CE kernels against the torch references."""
+    """Eager bf16 with every Triton kernel (MLP, CE, q/k norm + RoPE, residual norm, XSA) against the
+    torch references."""
     _assert_within_bf16_budget(_loss_and_grads(looping, impl="triton"), looping)
 
 
@@ -475,8 +477,8 @@ def test_kernels_are_the_called_ones(monkeypatch):
 
 @pytest.mark.interpreter
 def test_model_through_triton_kernels_matches_reference_kernels(kernel_device):
-    """The model's calls into the Triton MLP and CE kernels (3-D activations, bank slices as weights)
-    give the reference's loss and gradients; on CPU this runs under the interpreter."""
+    """The model's calls into every Triton kernel (3-D activations, bank slices as weights, the lanes,
+    XSA's grouped heads) give the reference's loss and gradients; on CPU under the interpreter."""
     if kernel_device.type == "cuda":
         pytest.skip(
             "fp32 needs the interpreter; on the GPU test_gpu_fused_kernels_match_reference covers this"
@@ -486,7 +488,7 @@ def test_model_through_triton_kernels_matches_reference_kernels(kernel_device):
     grads = {}
     for impl in ("triton", "torch"):
         torch.manual_seed(0)
-        model = randomize(tiny(mlp_impl=impl, ce_impl=impl)).to(kernel_device)
+        model = randomize(tiny(**dict.fromkeys(KERNEL_IMPL_FIELDS, impl))).to(kernel_device)
         model.set_looping(True)
         loss = model(ids, tgt)
         loss.backward()

@@ -25,7 +25,8 @@ def test_correct_kernels_pass(kernel_device):
     result = preflight.check_kernels(kernel_device)
     status = {r["kernel"]: r["status"] for r in result["kernels"]}
     assert sorted(status) == [
-        "ce_bwd", "ce_fwd", "mlp_bwd", "mlp_fwd", "muon", "norm_bwd", "norm_fwd", "qk_bwd", "qk_fwd"
+        "ce_bwd", "ce_fwd", "mlp_bwd", "mlp_fwd", "muon", "norm_bwd", "norm_fwd", "qk_bwd", "qk_fwd",
+        "xsa_bwd", "xsa_fwd",
     ]  # fmt: skip
     allowed = {"pass", "slower"} if kernel_device.type == "cuda" else {"pass"}  # only a GPU is timed
     assert set(status.values()) <= allowed, status
