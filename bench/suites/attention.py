@@ -8,6 +8,9 @@ Providers (kernels/attention.py):
              one SDPA backend forced; GQA natively (enable_gqa=True)
   *+expand   the same with K and V repeated to 8 heads first
   fa3        FlashAttention-3 when `flash_attn_interface` imports (skipped otherwise, with the reason)
+  fa4        FlashAttention-4 (`pip install '.[fa4]'`; offline: bench/wheels.sh) through our custom ops
+             golfbench::fa4_fwd/fa4_bwd: native GQA, (B, T, H, D) in and out (skipped, with the
+             reason, when flash-attn-4 does not import)
   flex       FlexAttention (torch.compile'd, causal block mask, enable_gqa)
   auto       what the model runs: the fastest correct backend, measured (kernels.attention "auto")
 Each provider's record carries `accuracy`: relative Frobenius errors of the output and of dq, dk, dv
@@ -57,10 +60,11 @@ def _fn(impl: str):
 
 def _unavailable(impl: str):
     def check() -> str | None:
-        reason = needs_cuda()
+        from kernels.attention import fa4_import_error, unavailable_reason
+
+        reason = (fa4_import_error() if impl == "fa4" else None) or needs_cuda()
         if reason or impl in ("sdpa", "auto", "flex"):
             return reason
-        from kernels.attention import unavailable_reason
 
         return unavailable_reason(impl, HEADS, KV_HEADS, HEAD_DIM, "bfloat16", "cuda")
 
@@ -110,8 +114,13 @@ def cases(quick: bool) -> list[Case]:
     tokens = BATCH * SEQ_LEN
     fwd_flops = 2.0 * BATCH * HEADS * SEQ_LEN**2 * HEAD_DIM
     io = tokens * HEAD_DIM * 2.0  # bytes of one head's worth of one (B, T, head) tensor, bf16
-    # quick: PyTorch's pick, the two fast backends and the model's choice (no compile of flex)
-    impls = ["sdpa", "cudnn", "flash", "auto"] if quick else [*BACKENDS, "fa3", "flex", "auto", "math"]
+    # quick: PyTorch's pick, the fast backends and the model's choice (no compile of flex); "auto"
+    # measures fa4 anyway, so timing it costs no compilation of its own
+    impls = (
+        ["sdpa", "cudnn", "flash", "fa4", "auto"]
+        if quick
+        else [*BACKENDS, "fa3", "fa4", "flex", "auto", "math"]
+    )
     out = []
     for mode in ("fwd+bwd",) if quick else ("fwd", "fwd+bwd"):
         bwd = mode == "fwd+bwd"
