@@ -15,8 +15,8 @@ Ops and what the Liger provider does to match the record's math:
                 RMSNorm takes a weight: a ones vector is passed (its backward also reduces dW over
                 the rows, work the record does not need). in_place=False: Liger's default writes dX
                 into the incoming gradient, which a timing loop reuses.
-  rotary        the record's partial rotate-half RoPE (model.gpt.apply_rotary, the first rope_dims of
-                each head; tables from model.gpt.Rotary). Liger's rope takes rotary_dim and leaves the
+  rotary        the record's partial rotate-half RoPE (kernels.qk_norm_rope.apply_rotary: the first rope_dims
+                of each head; tables from model.gpt.Rotary). Liger's rope takes rotary_dim and leaves the
                 other dims untouched, so no slice or cat is needed: it reads and writes only the rotated
                 rope_dims of each head, in place (the reference reads all head_dim and writes a new
                 tensor). Its rotation has the opposite sign, so it gets -sin (a T x rope_dims/2 table,
@@ -195,7 +195,9 @@ def rotary_inputs(batch, seq_len, heads, kv_heads, head_dim, rope_dims, dtype, m
         model_dim=heads * head_dim, num_heads=heads, num_kv_heads=kv_heads, rope_dims=rope_dims,
         rope_train_seq_len=seq_len,
     )  # fmt: skip
-    cos, sin = Rotary(config).to(DEVICE)(seq_len, torch.device(DEVICE), dtype)
+    cos, sin = (
+        t[None, :, None, :].to(dtype) for t in Rotary(config).to(DEVICE)(seq_len, torch.device(DEVICE))
+    )
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     q, k = (_randn((batch, seq_len, n, head_dim), dtype, gen) for n in (heads, kv_heads))
     grads = [_randn(t.shape, dtype, gen) for t in (q, k)] if mode == "fwd+bwd" else None
@@ -203,13 +205,13 @@ def rotary_inputs(batch, seq_len, heads, kv_heads, head_dim, rope_dims, dtype, m
 
 
 def rotary_ref(q, k, cos, sin):
-    from model.gpt import apply_rotary
+    from kernels.qk_norm_rope import apply_rotary
 
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def rotary_check(fn, batch, seq_len, heads, kv_heads, head_dim, rope_dims, dtype, mode) -> Callable[[], dict]:
-    """fn(q, k, cos, sin) -> (q', k') against model.gpt.apply_rotary in fp32 (and in `dtype`)."""
+    """fn(q, k, cos, sin) -> (q', k') against kernels.qk_norm_rope.apply_rotary in fp32 (and in `dtype`)."""
     rows = max(1, min(batch, CHECK_ROWS // seq_len))
     args = (rows, seq_len, heads, kv_heads, head_dim, rope_dims, dtype, mode)
     make = lambda: rotary_inputs(*args, seed=1)  # noqa: E731
