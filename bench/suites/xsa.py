@@ -75,11 +75,16 @@ def _case(b: int, mode: str, layout: str) -> Case:
         baseline="compiled",
         x="batch",
         series=("mode", "layout"),
+        cuda_graph=mode == "fwd+bwd",  # host-bound otherwise: every provider ~0.75 ms on the H200
         notes="bytes: y, v read, out written (+ grad, y, v read, dy, dv written); ours moves exactly that",
     )
 
 
-@register("xsa", "exclusive self attention, 8/4 heads of 64, bf16: eager / torch.compile (baseline) / Triton")
+@register(
+    "xsa",
+    "exclusive self attention, 8/4 heads of 64, bf16: eager / torch.compile (baseline) / Triton",
+    version="2",  # 2: fwd+bwd timed by CUDA-graph replay
+)
 def cases(quick: bool) -> list[Case]:
     if quick:
         return [_case(RECORD_BATCH, "fwd+bwd", "contiguous")]

@@ -153,7 +153,15 @@ def test_kernel_strided_inputs_and_expanded_grad(kernel_device):
     w = (torch.rand(d, device=kernel_device) + 0.5).requires_grad_()
     assert x.stride() == (2 * d, 1)
     xs, ws = [x, y], [None, w]
-    check_against_fp64(xs, ws, torch.float32, grad_outs=(torch.ones(()).expand(30, d), torch.randn(30, d)))
+    check_against_fp64(
+        xs,
+        ws,
+        torch.float32,
+        grad_outs=(
+            torch.ones((), device=kernel_device).expand(30, d),
+            torch.randn(30, d, device=kernel_device),
+        ),
+    )
     t = torch.randn(5, 6, d, device=kernel_device).transpose(0, 1)  # (6, 5, D), not viewable as rows
     w2 = (torch.rand(d, device=kernel_device) + 0.5).requires_grad_()
     xs, ws = [t.requires_grad_(), torch.randn(6, 5, d, device=kernel_device).requires_grad_()], [w, w2]
@@ -361,7 +369,8 @@ def test_gpu_compiled_fullgraph_inductor():
     assert _runtime.launches["resnorm_bwd"] == before.get("resnorm_bwd", 0) + 2
     out_e = block(*args)
     grads_e = torch.autograd.grad(out_e, args, g)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-2, atol=1e-2)  # inductor may fuse the square differently
+    # bf16: inductor may round the square differently (one-ulp flips, seen on the H200): a relative bound
+    assert rel_err(out_c, out_e) < 1e-2
     for a, b in zip(grads_c, grads_e):
         assert rel_err(a, b) < 1e-2
 
