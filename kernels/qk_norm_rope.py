@@ -43,9 +43,11 @@ from ._runtime import IMPLS, empty, interpreter_active, launches, platform_block
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_HEAD_DIM = 256
 
-# One program normalises ROWS head rows (ROWS x D elements). Unmeasured on a GPU: 64 rows of D = 64
-# (4096 elements, 16 per thread at 4 warps) gives 12,288 programs for q at the record shape, so the
-# grid has many waves and each thread issues 16-byte-wide loads.
+# One program normalises ROWS head rows (ROWS x D elements): 64 rows of D = 64 (4096 elements, 16 per
+# thread at 4 warps) gives 12,288 programs for q at the record shape, so the grid has many waves and
+# each thread issues 16-byte-wide loads. Chosen on paper, not swept. Measured on the H200 (2026-12-02):
+# forward q 83 us alone (2.4 TB/s; torch.compile of the reference 113 us); inside the training step
+# 63 us forward and 104 us backward per call, q and k averaged.
 _GPU_CONFIG = {"ROWS": 64, "num_warps": 4}
 # Under the interpreter: few rows per program, so tests cover several programs and a ragged last one.
 _INTERPRETER_CONFIG = {"ROWS": 8, "num_warps": 1}

@@ -68,7 +68,8 @@ MAX_INPUTS = 3
 MAX_D = 8192
 
 # ---------------------------------------------------------------------------------------------------
-# Launch configuration. UNMEASURED: chosen on paper, not yet timed on a GPU.
+# Launch configuration, chosen on paper and not swept. Measured inside the record's training step on
+# the H200 (2026-12-02): forward 94 us a call (4 passes of 100.7 MB: 4.3 TB/s), backward 175 us.
 #
 # A tile is BLOCK_M rows x BLOCK_D columns of about 2048 elements, 16 per thread with 4 warps (two
 # 16-byte vector loads per bf16 tensor): at D = 512 that is 4 rows. The forward runs one tile per
