@@ -51,12 +51,12 @@ from pathlib import Path
 import torch
 
 from bench.env import peak_flops, run_environment
-from model import checkpoint, validate
 from model.atomic import write_json
 from model.data import RankBatches, RunData, ShuffledSequenceLoader
 from model.evaluate import eval_non_overlapping, eval_sliding_window, ttt_score_first
-from model.preflight import confirm_on_path, run_preflight
-from model.report import (
+from model.run import checkpoint, validate
+from model.run.preflight import confirm_on_path, run_preflight
+from model.run.report import (
     Logger,
     StepMeter,
     artifact_bytes,
@@ -67,6 +67,8 @@ from model.report import (
     peak_rss_bytes,
     record_artifact,
 )
+from model.run.run_folder import interrupted
+from model.run.shipped_code import code_hash, code_size
 from model.run_config import (
     PRESETS,
     Config,
@@ -76,8 +78,6 @@ from model.run_config import (
     model_config,
     ttt_config,
 )
-from model.run_folder import interrupted
-from model.shipped_code import code_hash, code_size
 from model.train_step import (
     FAULT_EXIT_ENV,
     build_model,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import _runtime, mlp
-from model import preflight
+from model.run import preflight
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import lzma
 import subprocess
 import sys
 
-from model import shipped_code
+from model.run import shipped_code
 
 
 def test_code_size_accounting(tmp_path):

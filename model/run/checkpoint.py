@@ -23,8 +23,8 @@ import torch
 
 from optim.distributed import Dist
 
-from .atomic import atomic_write
-from .run_config import Config, config_hash, read_saved_json
+from ..atomic import atomic_write
+from ..run_config import Config, config_hash, read_saved_json
 from .shipped_code import code_hash
 
 # ---------------------------------------------------------------------------------------------------------

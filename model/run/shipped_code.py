@@ -16,7 +16,7 @@ import lzma
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY = "train.py"
 
 

@@ -252,7 +252,7 @@ def one_attention_backend(cfg, pd, log):
 
     from kernels.attention import measure
 
-    from .run_config import batch_layout, model_config
+    from ..run_config import batch_layout, model_config
 
     mcfg = model_config(cfg, pd.device)
     if mcfg.attn_impl != "auto" or pd.device.type != "cuda":

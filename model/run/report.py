@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json
-from .run_config import Config, config_hash
+from ..atomic import write_json
+from ..run_config import Config, config_hash
 from .shipped_code import code_hash
 
 CAP_TRAIN_S = 600.0  # challenge limits (SPEC §8.5, §7.5)
