@@ -40,12 +40,15 @@ import ast
 import base64
 import functools
 import hashlib
+import json
 import lzma
 import os
 import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..atomic import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY = "model.submission"  # the driver module; its `main(program_path)` is the program's start
@@ -427,13 +430,16 @@ class _Shaker:
                 continue
             if isinstance(stmt, ast.Import | ast.ImportFrom):
                 names = [a for a in stmt.names if (a.asname or a.name.split(".")[0]) in live]
-                if not names and self._effectful_import(module, stmt):
-                    names = stmt.names
                 if names:
                     copy = ast.Import(names=names) if isinstance(stmt, ast.Import) else None
                     if copy is None:
                         copy = ast.ImportFrom(module=stmt.module, names=names, level=stmt.level)
                     body.append(ast.copy_location(copy, stmt))
+                elif self._effectful_import(module, stmt):  # for what it does: the modules, no names
+                    targets = [
+                        ast.alias(name=m) for m in self._imported_modules(module, stmt) if m in self.mods
+                    ]
+                    body.append(ast.copy_location(ast.Import(names=targets), stmt))
             elif set(_bound_names(stmt)) & live:
                 body.append(self._without_dropped_methods(stmt))
         return ast.Module(body=body, type_ignores=[])
@@ -594,7 +600,7 @@ class Part:
     raw_bytes: int  # the source file
     shaken_bytes: int  # after tree shaking (ast.unparse, docstrings and annotations out)
     minified_bytes: int
-    compressed_bytes: int = 0  # what it adds to the Brotli stream, in bundle order (sums to the stream)
+    compressed_bytes: int | None = None  # what it adds to the Brotli stream (breakdown())
 
 
 def _stat_key(root: Path) -> tuple:
@@ -616,8 +622,39 @@ def bundle(root: str | os.PathLike = REPO_ROOT) -> tuple[list[str], list[Part]]:
     return _bundle(root, _stat_key(root))
 
 
+def _content_key(root: Path) -> str:
+    """sha256 of what the bundle is made from: every source file of the packages, this builder, the
+    minifier's and Python's versions (the disk cache's key)."""
+    h = hashlib.sha256(f"{_minifier_version()}|{sys.version_info[:2]}".encode())
+    h.update(Path(__file__).read_bytes())
+    for path in sorted(p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=4)
 def _bundle(root: Path, _key: tuple) -> tuple[list[str], list[Part]]:
+    """Cached on disk by content (<cache>/shipped/<key>.json): every train.py run reports the code bytes,
+    and minifying takes seconds."""
+    from ..data.paths import default_cache_dir
+
+    cache = default_cache_dir() / "shipped" / f"{_content_key(root)}.json"
+    try:
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        return saved["records"], [Part(**p) for p in saved["parts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    records, parts = _make_bundle(root)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache, "w") as f:
+            json.dump({"records": records, "parts": [p.__dict__ for p in parts]}, f)
+    except OSError:  # a read-only cache costs time, not correctness
+        pass
+    return records, parts
+
+
+def _make_bundle(root: Path) -> tuple[list[str], list[Part]]:
     mods = load_modules(root)
     shaker = _Shaker(mods)
     shaker.run(ENTRY, "main")
@@ -634,11 +671,20 @@ def _bundle(root: Path, _key: tuple) -> tuple[list[str], list[Part]]:
         rel = mod.path.relative_to(root).as_posix()
         parts.append(Part(name, rel, len(mod.source.encode()), len(shaken.encode()), len(mini.encode())))
         records.append(f"{name}\x01{mini}")
-    previous = 0  # attribution: the Brotli stream of each growing prefix of the bundle, differenced
+    return records, parts
+
+
+def breakdown(root: str | os.PathLike = REPO_ROOT) -> list[dict]:
+    """The parts with what each adds to the Brotli stream: the stream of each growing prefix of the
+    bundle, differenced (so the parts sum to the stream; a module late in the bundle profits from
+    the ones before it)."""
+    records, parts = bundle(root)
+    out, previous = [], 0
     for i, part in enumerate(parts):
         size = len(_compress("\x00".join(records[: i + 1]).encode()))
-        part.compressed_bytes, previous = size - previous, size
-    return records, parts
+        out.append({**part.__dict__, "compressed_bytes": size - previous})
+        previous = size
+    return out
 
 
 def _plain_exceptions(mods: dict[str, Module]) -> set[str]:
@@ -773,9 +819,10 @@ def compare(root: str | os.PathLike = REPO_ROOT) -> list[dict]:
     return rows
 
 
-def format_parts(info: dict) -> str:
+def format_parts(info: dict, parts: list[dict]) -> str:
+    """The table `python -m model.run.shipped_code` prints (``parts``: :func:`breakdown`)."""
     lines = [f"{'module':24s} {'file':28s} {'raw':>8s} {'shaken':>8s} {'minified':>9s} {'brotli':>7s}"]
-    for p in info["parts"]:
+    for p in parts:
         lines.append(
             f"{p['module']:24s} {p['path']:28s} {p['raw_bytes']:8,d} {p['shaken_bytes']:8,d} "
             f"{p['minified_bytes']:9,d} {p['compressed_bytes']:7,d}"
@@ -802,7 +849,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_bytes(program)
         print(f"wrote {args.out}: {len(program):,} bytes")
-    print(format_parts(info))
+    print(format_parts(info, breakdown()))
     if args.compare:
         print(f"\n{'compression':40s} {'stream':>8s} {'base64':>8s} {'base85':>8s} {'latin-1':>8s}")
         for r in compare():

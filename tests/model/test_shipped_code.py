@@ -169,7 +169,8 @@ def test_the_latin1_literal_holds_every_byte(tmp_path):
 def test_the_repository_program():
     program, info = sc.build()
     assert (program, info) == sc.build()  # deterministic
-    assert info["code_bytes"] == len(program) <= TARGET_BYTES, sc.format_parts(info)
+    parts = sc.breakdown()
+    assert info["code_bytes"] == len(program) <= TARGET_BYTES, sc.format_parts(info, parts)
     assert sc.code_size() == info and sc.code_hash() == hashlib.sha256(program).hexdigest()
     files = set(info["files"])
     for path in ("model/pipeline.py", "model/quant.py", "kernels/mlp.py", "optim/muon.py", "model/gpt.py"):
@@ -177,7 +178,8 @@ def test_the_repository_program():
     assert not any(f.startswith(("model/run/", "bench/", "tests/")) or f == "train.py" for f in files)
     for tool in ("model/data/fineweb.py", "model/data/corpus.py", "model/data/__main__.py"):
         assert tool not in files
-    assert sum(p["compressed_bytes"] for p in info["parts"]) == info["compressed_bytes"]
+    assert sum(p["compressed_bytes"] for p in parts) == info["compressed_bytes"]
+    assert [p["module"] for p in parts] == [p["module"] for p in info["parts"]]
     assert info["raw_bytes"] > info["shaken_bytes"] > info["minified_bytes"] > info["compressed_bytes"]
     records = dict(r.split("\x01", 1) for r in sc.decode(program))
     assert records == dict(r.split("\x01", 1) for r in sc.decode(sc.build(encoding="base85")[0]))
@@ -212,8 +214,8 @@ def test_compare_table():
 
 @pytest.mark.interpreter
 def test_the_shipped_kernels_compile_from_the_programs_own_text(tmp_path):
-    """The Triton kernels as the program defines them (minified text, served by its importer): under the
-    interpreter they run and match the references."""
+    """Every module of the program imports from its own text (served by its importer), and the Triton
+    kernels as it defines them (minified) run under the interpreter and match the references."""
     program, _ = sc.build()
     loader = program.rsplit(b"\n", 2)[0] + b"\n"  # everything but the final `main(__file__)` line
     (tmp_path / "loader.py").write_bytes(loader)
@@ -221,6 +223,7 @@ def test_the_shipped_kernels_compile_from_the_programs_own_text(tmp_path):
         """
         import runpy, torch
         runpy.run_path("loader.py")
+        import model.submission  # the whole program imports
         import kernels.cross_entropy as ce, kernels.mlp as mlp, inspect
         kernel = mlp._mlp_gemm_kernel  # a JITFunction on a GPU reads this text at decoration time
         source = inspect.getsource(getattr(kernel, "fn", kernel))
