@@ -14,7 +14,7 @@ Every run writes runs/<run id>/: train.log (environment header, config, metric l
 (one line per step and per validation), config.json, report.json (val loss/bpb per phase, artifact
 bytes, times, throughput, a compliance block), submission.json (the challenge's format), loss.png and
 throughput.png, and final_model.ptz (the artifact). Bad input is refused before anything is built or written
-(model/validate.py; README "What a bad input gets").
+(model/run/validate.py; README "What a bad input gets").
 
 --eval-only with an artifact uses the config.json its run wrote beside it (env and flags override it);
 with a checkpoint directory, its meta.json's config and rank 0's weights, on any number of processes.
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
 
 def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     t_start = time.perf_counter()
-    # Configuration, processes, data: model/validate.py resolves the config (the preset, or the config of
+    # Configuration, processes, data: model/run/validate.py resolves the config (the preset, or the config of
     # what is evaluated, with env and flag overrides) and checks it, the paths, the memory, the run folder
     # and the data before anything is built or written; then it makes the run folder (log, lock)
     start = validate.startup(args, cli, cli_model, pd, log)

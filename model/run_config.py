@@ -38,7 +38,7 @@ class Config:
     muon_impl: str = "banked"  # banked (ours) | per_matrix (one Muon per 2-D matrix: the reference)
     compile: str = "auto"  # torch.compile the model: auto (on CUDA) | on | off
     muon_graphs: bool = True  # banked Muon's compiled, CUDA-graphed step (False: its eager step)
-    # Prove the kernels before priming (model/preflight.py): on (a failing kernel is replaced by its
+    # Prove the kernels before priming (model/run/preflight.py): on (a failing kernel is replaced by its
     # reference) | strict (a failing kernel refuses the run) | off (not checked; the report says so)
     preflight: str = "on"
     # optimisers (SPEC §5.1-5.2)
@@ -288,15 +288,7 @@ def resolve_config(
     return cfg
 
 
-def overridden_config(
-    preset: str,
-    env: dict | None = None,
-    cli: dict | None = None,
-    cli_model: dict | None = None,
-    *,
-    base: Config | None = None,
-    base_source: str | None = None,
-) -> tuple[Config, dict]:
+def overridden_config(preset: str, env=None, cli=None, cli_model=None, *, base=None, base_source=None):
     """resolve_config's overrides without its range checks (the shipped program reads its config so; the
     checks are train.py's): (the Config, where each field's value came from)."""
     if base is None:

@@ -1,5 +1,5 @@
 """The shipped program: the one file a submission carries (`train_gpt.py`), whose bytes are the code part
-of the 16,000,000-byte cap (SPEC §7.5), and what it costs by part.
+of the 16,000,000-byte cap (SPEC §7.5), and what it costs by part (README "The shipped program").
 
     python -m model.run.shipped_code --out train_gpt.py     # write it; print its bytes by module
     python -m model.run.shipped_code --compare              # the compression / encoding table
@@ -7,26 +7,24 @@ of the 16,000,000-byte cap (SPEC §7.5), and what it costs by part.
 What it holds is what the scored run executes, found from the sources (nothing is imported or run):
 
 1. The import closure of the driver `model/submission.py` (the scored pipeline, model/pipeline.py, with
-   its default hooks): repository modules only, function-local imports included. train.py, model/run/
-   and bench/ are not in it: the run machinery (start-up checks, preflight, checkpoints, run folders,
-   reports, plots, environment capture) stays in train.py.
+   its default hooks): repository modules only, function-local imports included. train.py, bench/,
+   model/run/ (the run machinery) and optim/per_matrix.py (a reference) are not in it.
 2. Tree shaking: in each module only the top-level definitions reachable from `main` stay (a name
-   used anywhere in kept code keeps its definition; a repository module used other than by attribute
-   keeps all of it; statements that do something at import time, such as registering a custom op or a
-   try/except import, always stay). So the range checks of run_config.py, the corpus finder of
-   data/paths.py, the byte audit of metrics.py and train_step.py's test hooks do not ship. Methods of a
-   kept class all stay.
-3. Minification by python-minifier (pinned): docstrings, comments, blank lines, local names. Argument
-   and return annotations are dropped, except on `@triton.jit` functions (`tl.constexpr`) and
-   `torch.library.custom_op` functions (schema inference), and dataclass / NamedTuple fields keep theirs.
-   Literals are not hoisted and global names are not renamed (Triton kernels may read only constexpr
-   globals; other modules import the names); argument names are never renamed (keyword calls,
-   `BLOCK=...` constexprs), and inside a Triton kernel no name is.
-4. The modules, as "name\\x01source" records joined by "\\x00", compressed with raw LZMA2 (no .xz
-   container) and base85-encoded into a pure-ASCII file: a 4-line loader registers a meta-path importer
-   that runs each module from its text under the filename "<name>", with that text in `linecache`, so
-   Triton's `inspect.getsource` finds real source (SPEC §10 item 20, #1561's approach) and tracebacks
-   show lines. Then `model.submission.main(__file__)` runs: `__file__`'s size is the code bytes.
+   used anywhere in kept code keeps its definition; a repository module used other than as
+   `alias.attr` keeps all of it; statements that act at import time, such as registering a custom op
+   or a try/except import, always stay). A method of a kept class stays when its name is an attribute
+   or a string anywhere in kept code, or one that frameworks call (FRAMEWORK_METHODS).
+3. Minification by python-minifier (pinned): docstrings, comments, blank lines, local names, the messages
+   of checks (BARE_EXCEPTIONS). Annotations go, except in `@triton.jit` kernels (`tl.constexpr`
+   parameters and locals) and `torch.library.custom_op` functions (schema inference), and on dataclass
+   / NamedTuple fields. Literals are not hoisted and globals are not renamed (a kernel may read only
+   constexpr globals; names are observable); argument names never change (keyword calls, `BLOCK=...`),
+   and inside a kernel no name does.
+4. The modules, as "name\x01source" records joined by "\x00", in one Brotli-11 stream, stored as a
+   latin-1 string literal (or base85): a short loader registers a meta-path importer that runs each
+   module from its text under the filename "<name>", with that text in `linecache`, so Triton's
+   `inspect.getsource` finds real source (SPEC §10 item 20, #1561's approach) and tracebacks show
+   lines. Then `model.submission.main(__file__)` runs: `__file__`'s size is the code bytes.
 
 Deterministic for one python-minifier version and one Python minor version (the AST differs between
 versions); train.py reports `code_bytes` of exactly this program (`code_size()`), and `code_hash()` is
@@ -847,6 +845,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     program, info = build(encoding=args.encoding)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_bytes(program)
         print(f"wrote {args.out}: {len(program):,} bytes")
     print(format_parts(info, breakdown()))

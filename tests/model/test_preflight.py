@@ -1,4 +1,4 @@
-"""The kernel preflight check (model/preflight.py) and `python -m bench check`: passes on correct kernels,
+"""The kernel preflight check (model/run/preflight.py) and `python -m bench check`: passes on correct kernels,
 fails on a planted wrong one, on an output left unwritten, and counts launches on the path."""
 
 from __future__ import annotations

@@ -187,6 +187,19 @@ def test_the_repository_program():
         assert gone not in "".join(records.values()), gone  # train.py's checks and test hooks
 
 
+def test_the_command_writes_the_program_and_prints_its_parts(tmp_path, capsys):
+    out = tmp_path / "sub" / "train_gpt.py"
+    assert sc.main(["--out", str(out)]) == 0
+    program, info = sc.build()
+    assert out.read_bytes() == program
+    text = capsys.readouterr().out
+    assert f"wrote {out}: {len(program):,} bytes" in text and f"program: {len(program):,} bytes" in text
+    for part in info["parts"]:
+        assert part["path"] in text
+    with pytest.raises(ValueError, match="encoding"):
+        sc.build(encoding="utf-16")
+
+
 def test_no_dropped_method_is_one_a_base_class_defines():
     """Methods go when no kept code names them; one that overrides a base class's (a framework could call
     it by name) must stay: FRAMEWORK_METHODS has to grow when this fails."""
@@ -214,8 +227,9 @@ def test_compare_table():
 
 @pytest.mark.interpreter
 def test_the_shipped_kernels_compile_from_the_programs_own_text(tmp_path):
-    """Every module of the program imports from its own text (served by its importer), and the Triton
-    kernels as it defines them (minified) run under the interpreter and match the references."""
+    """Every module of the program imports from its own text (served by its importer), the Triton kernels
+    as it defines them (minified) run under the interpreter and match the references, and torch.compile
+    traces its model in one graph."""
     program, _ = sc.build()
     loader = program.rsplit(b"\n", 2)[0] + b"\n"  # everything but the final `main(__file__)` line
     (tmp_path / "loader.py").write_bytes(loader)
@@ -238,6 +252,13 @@ def test_the_shipped_kernels_compile_from_the_programs_own_text(tmp_path):
         post, _ = mlp.up_act(x, w)
         ref = torch.nn.functional.leaky_relu(x.double() @ w.double().T, 0.5).square()
         assert (post.double() - ref).norm() / ref.norm() < 1e-4
+        # torch.compile traces the program's modules (files "<model.gpt>"...) whole: one graph
+        from model.config import get_config
+        from model.gpt import GPT
+        gpt = GPT(get_config("tiny", mlp_impl="torch", ce_impl="torch", attn_impl="sdpa"))
+        ids = torch.randint(0, 1024, (2, 64))
+        compiled = torch.compile(gpt, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(ids, ids), gpt(ids, ids))
         print("ok")
         """
     )
