@@ -572,7 +572,13 @@ def _annotated(tree: ast.Module) -> bool:
 
 
 def _minify(source: str, frozen: set[str]) -> str:
-    import python_minifier
+    try:
+        import python_minifier
+    except ImportError:
+        raise SystemExit(
+            "python-minifier is not installed: the code bytes of the cap are the shipped program's, which "
+            "it builds; pip install python-minifier==3.4.0 (a dependency in pyproject.toml)"
+        ) from None
 
     options = python_minifier.RemoveAnnotationsOptions(  # all done by _strip, where it is safe
         remove_variable_annotations=False,
@@ -749,9 +755,12 @@ def _build(root: Path, key: tuple, encoding: str) -> tuple[bytes, dict]:
 
 
 def _minifier_version() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version("python-minifier")
+    try:
+        return version("python-minifier")
+    except PackageNotFoundError:
+        return "not installed"  # _minify says what to do
 
 
 def code_size(root: str | os.PathLike = REPO_ROOT) -> dict:
