@@ -114,13 +114,8 @@ class RunHooks(Hooks):
 
     def __init__(self, logger: Logger, pd: Dist, run_id: str, run_dir: Path, save_every: int):
         super().__init__(pd.main)
-        self.logger, self.pd, self.run_id, self.run_dir, self.save_every = (
-            logger,
-            pd,
-            run_id,
-            run_dir,
-            save_every,
-        )
+        self.logger, self.pd, self.save_every = logger, pd, save_every
+        self.run_id, self.run_dir = run_id, run_dir
         self.fault, self.exit_at = fault_step(pd.rank), fault_step(pd.rank, FAULT_EXIT_ENV)
         self.code_hash = code_hash()
         self.non_record: list[str] = []
