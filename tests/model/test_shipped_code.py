@@ -2,8 +2,10 @@
 else, minified and packed into one file that runs alone, the same run as train.py bit for bit.
 
 Fast tests build small synthetic programs (tree shaking, annotations, messages, Triton source) and the
-repository's own program (its bytes, its parts, no dropped method a framework could call). The slow one
-runs train.py and the shipped program, copied alone into an empty folder with the data, on the tiny preset.
+repository's own program (its bytes, its parts, no dropped method a framework could call, its modules
+import, its kernels run under the interpreter, torch.compile traces its model). The slow ones compile its
+Triton kernels for sm_90 to the repository's PTX, and run train.py and the shipped program (copied alone
+into an empty folder with the data) on the tiny preset, in one process and under torchrun.
 """
 
 from __future__ import annotations
@@ -269,6 +271,63 @@ def test_the_shipped_kernels_compile_from_the_programs_own_text(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+PTX_CHECK = textwrap.dedent(
+    """
+    import json, runpy, sys
+    if sys.argv[1] == "repo":
+        sys.path.insert(0, sys.argv[3])
+    else:
+        runpy.run_path(sys.argv[1])
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+    import kernels.cross_entropy as ce, kernels.mlp as mlp
+    ce_sig = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32", V="i32",
+                  stride_row="i32", softcap="fp32", BLOCK_V="constexpr")
+    mlp_sig = dict(a_desc="tensordesc<bf16[128, 64]>", b_desc="tensordesc<bf16[256, 64]>",
+                   post_desc="tensordesc<bf16[128, 128]>", out_desc="tensordesc<bf16[128, 128]>",
+                   signs_ptr="*i32", M="i32", N="i32", K="i32", n_words="i32", FORWARD="constexpr",
+                   BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", NUM_SMS="constexpr",
+                   NEG_SCALE="constexpr")
+    jobs = {"ce_fwd": (ce._ce_fwd_kernel, ce_sig, {(7,): 1024})}
+    for fwd in (True, False):  # the record's H100/H200 tile config
+        jobs[f"mlp_{fwd}"] = (mlp._mlp_gemm_kernel, mlp_sig, {(9,): fwd, (10,): 128, (11,): 256, (12,): 64,
+                                                             (13,): 132, (14,): 0.25})
+    out = {}
+    for name, (fn, sig, const) in jobs.items():
+        source = ASTSource(fn=fn, signature=sig, constexprs=const)
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 128)).asm["ptx"]
+        lines = []
+        for line in ptx.splitlines():  # the code; the DWARF section after it names the source file
+            if "DW_" in line or "Abbrev" in line:
+                break
+            if not line.strip().startswith((".loc", ".file", "//")):
+                lines.append(line)
+        out[name] = lines
+    json.dump(out, open(sys.argv[2], "w"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_shipped_kernels_compile_to_the_repositorys_ptx(tmp_path):
+    """No GPU needed: Triton's front end and the NVIDIA back end compile the Triton kernels for sm_90 (TMA
+    included) from the program's own minified text, to the very PTX of the repository's kernels."""
+    program, _ = sc.build()
+    (tmp_path / "loader.py").write_bytes(program.rsplit(b"\n", 2)[0] + b"\n")
+    (tmp_path / "ptx.py").write_text(PTX_CHECK)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    for which in ("loader.py", "repo"):
+        cmd = [sys.executable, "ptx.py", which, f"{which}.json", str(ROOT)]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    shipped = json.loads((tmp_path / "loader.py.json").read_text())
+    repo = json.loads((tmp_path / "repo.json").read_text())
+    assert shipped.keys() == repo.keys() == {"ce_fwd", "mlp_True", "mlp_False"}
+    for name in repo:
+        assert len(repo[name]) > 300 and shipped[name] == repo[name], name
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The same run as train.py, alone in an empty folder
 # ---------------------------------------------------------------------------------------------------------
@@ -334,3 +393,44 @@ def test_the_shipped_program_is_train_pys_run_bit_for_bit(tmp_path):
     r = eval_non_overlapping(model, data.val_tokens, seq_len=cfg.eval_seq_len, batch_seqs=cfg.val_batch_seqs,
                              byte_counter=data.byte_counter)  # fmt: skip
     assert r["val_bpb"] == pytest.approx(report["phases"]["quantized"]["val_bpb"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_shipped_program_is_train_pys_run(tmp_path):
+    """The challenge's launch (torchrun --standalone) on 2 gloo ranks: the shipped program and train.py give
+    the same losses, the same artifact bytes and the same evaluations (sliding and TTT: the test above)."""
+    from bench.launch import run, torchrun_command
+    from model.data import default_corpus
+    from tests.test_train import _clean_env, _run
+
+    common = dict(
+        ITERATIONS="4", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", VAL_MAX_TOKENS="4096",
+        TTT_ENABLED="0", SLIDING_WINDOW_ENABLED="0", COMPILE="off", ATTN_IMPL="sdpa", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    _run([], tmp_path / "runs", "ref", env=_clean_env(**common), torchrun=2, timeout=600)
+    run_dir = tmp_path / "runs" / "ref"
+    report = json.loads((run_dir / "report.json").read_text())
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    steps = {r["step"]: r["loss"] for r in records if "kind" not in r}
+
+    corpus = default_corpus(report["model_config"]["vocab_size"], progress=False)
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    (folder / "train_gpt.py").write_bytes(sc.build()[0])
+    env = {k: v for k, v in _clean_env(**common).items() if k != "PYTHONPATH"}
+    env.update(
+        PRESET="tiny",
+        DEVICE="cpu",
+        DATA_PATH=str(corpus.dataset_dir),
+        TOKENIZER_PATH=str(corpus.tokenizer_model),
+    )
+    proc = run(torchrun_command(2, ["train_gpt.py"]), env=env, timeout=600, cwd=folder)
+    assert proc.returncode == 0 and not proc.timed_out, proc.tail()
+    lines = proc.stdout.splitlines()
+    shipped = {int(x.split()[1].split("/")[0]): float(x.split("| loss ")[1].split()[0]) for x in lines
+               if x.startswith("step ") and "| loss " in x}  # fmt: skip
+    assert shipped == steps and len(steps) == 4
+    assert (folder / "final_model.ptz").read_bytes() == (run_dir / "final_model.ptz").read_bytes()
+    for phase in ("prequant", "quantized"):
+        line = next(x for x in lines if x.startswith(f"{phase}: "))
+        assert float(line.split("val_bpb ")[1].split()[0]) == report["phases"][phase]["val_bpb"]
