@@ -14,7 +14,7 @@ Every run writes runs/<run id>/: train.log (environment header, config, metric l
 (one line per step and per validation), config.json, report.json (val loss/bpb per phase, artifact
 bytes, times, throughput, a compliance block), submission.json (the challenge's format), loss.png and
 throughput.png, and final_model.ptz (the artifact). Bad input is refused before anything is built or written
-(model/validate.py; README "What a bad input gets").
+(model/run/validate.py; README "What a bad input gets").
 
 --eval-only with an artifact uses the config.json its run wrote beside it (env and flags override it);
 with a checkpoint directory, its meta.json's config and rank 0's weights, on any number of processes.
@@ -33,9 +33,11 @@ score-first TTT (with the hash embedding).
 Data layout across processes: micro-batch j of rank r reads the loader of "data rank" r * accum + j of
 world * accum (model.data.RankBatches): one GPU with accumulation 8 sees exactly the batches of 8 GPUs.
 
-This file is the driver; what it uses lives in the room that says what it holds: model/ (run_config,
-train_step, checkpoint, report, data, evaluate, quant), optim/ (optimizers, schedule, ema, distributed),
-bench/ (env: environment and GPU peaks; plot: the training plots).
+This file is the driver. The scored pipeline (model, optimizers, the loop, EMA, artifact, evaluations) is
+model/pipeline.py, the one piece of code the shipped program runs too (`python -m model.run.shipped_code`
+writes that program); what this file adds to it is the run machinery: model/run/ (validate, preflight,
+checkpoint, report, run_folder, shipped_code) through RunHooks, and bench/ (env: environment and GPU
+peaks; plot: the training plots).
 """
 
 from __future__ import annotations
@@ -51,13 +53,12 @@ from pathlib import Path
 import torch
 
 from bench.env import peak_flops, run_environment
-from model import checkpoint, validate
 from model.atomic import write_json
 from model.config import KERNEL_IMPL_FIELDS
-from model.data import RankBatches, RunData, ShuffledSequenceLoader
-from model.evaluate import eval_non_overlapping, eval_sliding_window, ttt_score_first
-from model.preflight import confirm_on_path, run_preflight
-from model.report import (
+from model.pipeline import Hooks, Trainer, evaluate_artifact, score, set_precision
+from model.run import checkpoint, validate
+from model.run.preflight import confirm_on_path, run_preflight
+from model.run.report import (
     Logger,
     StepMeter,
     artifact_bytes,
@@ -68,32 +69,11 @@ from model.report import (
     peak_rss_bytes,
     record_artifact,
 )
-from model.run_config import (
-    PRESETS,
-    Config,
-    add_config_flags,
-    batch_layout,
-    config_flags,
-    model_config,
-    ttt_config,
-)
-from model.run_folder import interrupted
-from model.shipped_code import code_hash, code_size
-from model.train_step import (
-    FAULT_EXIT_ENV,
-    build_model,
-    check_finite,
-    clip_gradients,
-    compile_cache,
-    compile_model,
-    die_if_planted,
-    fault_step,
-    forward_backward,
-)
+from model.run.run_folder import interrupted
+from model.run.shipped_code import code_hash, code_size
+from model.run_config import PRESETS, add_config_flags, config_flags, model_config
+from model.train_step import FAULT_EXIT_ENV, build_model, compile_cache, die_if_planted, fault_step
 from optim.distributed import Dist, setup_processes
-from optim.ema import EMA
-from optim.optimizers import Optimizers
-from optim.schedule import lr_multiplier, muon_momentum, progress, train_budget_s
 
 
 def parse_args(argv=None):
@@ -125,243 +105,72 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model and optimizers, priming, the loop
+# The run machinery on the scored pipeline (model/pipeline.py)
 # ---------------------------------------------------------------------------------------------------------
 
 
-class Trainer:
-    """Everything one training process holds: the model (and its compiled form), the optimizers, the EMA
-    and this rank's batches."""
+class RunHooks(Hooks):
+    """What train.py adds to the scored pipeline, none of it in the shipped program: train.log and
+    metrics.jsonl, the metric line, checkpoints, the fault-injection test hooks, the priming check."""
 
-    def __init__(self, cfg: Config, pd: Dist, run_id: str, run_dir: Path, log: Logger, data: RunData):
-        self.cfg, self.pd, self.device, self.log, self.data = cfg, pd, pd.device, log, data
+    def __init__(self, logger: Logger, pd: Dist, run_id: str, run_dir: Path, save_every: int):
+        super().__init__(pd.main)
+        self.logger, self.pd, self.save_every = logger, pd, save_every
         self.run_id, self.run_dir = run_id, run_dir
-        self.accum, self.micro_seqs = batch_layout(cfg, pd.world)
-        self.model = build_model(cfg, self.device, pd)
-        self.model_c = compile_model(self.model, cfg, self.device)
-        self.opts = Optimizers(self.model, cfg, self.device)
-        self.ema = EMA(self.model, cfg.ema_decay)
-        self.batches = self.new_batches()
+        self.fault, self.exit_at = fault_step(pd.rank), fault_step(pd.rank, FAULT_EXIT_ENV)
         self.code_hash = code_hash()
-        self.compile_cache: dict | None = None
         self.non_record: list[str] = []
+        self.meter: StepMeter | None = None  # train() sets it: it starts at the run's elapsed time
 
-    def new_batches(self) -> RankBatches:
-        layout = dict(seed=self.cfg.seed, rank=self.pd.rank, world=self.pd.world, accum=self.accum)
-        return RankBatches(self.data.paths.train_pattern, self.cfg.train_seq_len, self.micro_seqs, **layout)
+    def log(self, msg: str) -> None:
+        self.logger(msg)
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def metric(self, record: dict) -> None:
+        self.logger.metric(record)
 
-    def step(self, step: int | str, lr_mul: float, momentum: float, poison: bool = False):
-        """One optimizer step (Appendix B): micro-batches, clip, guard, optimizers. Returns (loss, norm)."""
-        self.opts.set_schedule(lr_mul, momentum)
-        loss = forward_backward(self.model_c, self.batches, self.accum, self.device, poison)
-        norm = clip_gradients(self.opts.params, self.cfg.grad_clip_norm)
-        loss, norm = check_finite(loss, norm, step, self.pd, self.log)
-        self.opts.step()
-        return loss, norm
+    def phase(self, name: str, r: dict) -> dict:
+        return log_phase(name, r, self.logger)
 
-    def prime(self) -> float:
-        """Run warmup_steps real steps per loop mode (compiles both graphs and the optimizer paths), then
-        restore the weights and every optimizer state and check that they are exactly restored."""
-        cfg = self.cfg
-        if cfg.warmup_steps <= 0:
-            return 0.0
-        t0 = time.perf_counter()
-        snap = checkpoint.snapshot(self.model, self.opts)
-        was_looping = bool(self.model.looping)
-        modes = [False, True] if self.model.config.num_loops > 0 else [False]
-        for looping in modes:
-            self.model.set_looping(looping)
-            for i in range(cfg.warmup_steps):
-                self.step(f"priming step {i + 1} (looping {int(looping)})", 1.0, muon_momentum(cfg, 0))
-        self.model.set_looping(was_looping)
-        checkpoint.restore(self.model, self.opts, snap)
-        self.batches = self.new_batches()
-        self.sync()
-        seconds = time.perf_counter() - t0
-        c = self.compile_cache = compile_cache()
-        hits = f"FX graphs {c['fx_graph_hits']} hit / {c['fx_graph_misses']} compiled"
-        self.log(
-            f"priming: {cfg.warmup_steps} steps x {len(modes)} loop mode(s) in {seconds:.1f} s; weights and "
-            f"optimizer state (Muon momentum included) restored exactly | compile cache: {hits}, "
-            f"AOTAutograd {c['autograd_hits']} hit / {c['autograd_misses']} compiled ({c['inductor_dir']})"
-        )
-        return seconds
+    def step_done(self, trainer: Trainer, rec: dict, line: bool) -> None:
+        tokens = trainer.cfg.train_batch_tokens
+        self.meter.add(tokens, trainer.model.flops_per_token(rec["looping"]) * tokens)
+        if line:
+            self.logger(self.meter.line(rec, trainer.cfg.iterations, rec["train_s"]))
+        self.logger.metric(rec)
 
-    def validate(self, step: int) -> dict:
-        r = eval_non_overlapping(
-            self.model,
-            self.data.val_tokens,
-            seq_len=self.cfg.eval_seq_len,
-            batch_seqs=self.cfg.val_batch_seqs,
-            byte_counter=self.data.byte_counter,
-            device=self.device,
-        )
-        self.log(
-            f"step {step} | val_loss {r['val_loss']:.4f} | val_bpb {r['val_bpb']:.4f} | "
-            f"looping {int(self.model.looping)} | {r['seconds']:.1f} s"
-        )
-        self.log.metric({"kind": "val", "step": step, "val_loss": r["val_loss"], "val_bpb": r["val_bpb"]})
-        return r
+    def poison(self, step: int) -> bool:
+        die_if_planted(self.exit_at, step, self.pd.rank)
+        return self.fault == step
 
-    def save(self, step: int, elapsed_s: float) -> None:
-        meta = checkpoint.checkpoint_meta(self.cfg, self.pd, self.accum, step, elapsed_s)
+    def restored(self, trainer: Trainer, snap: tuple[dict, dict]) -> None:
+        checkpoint.check_restored(trainer.model, trainer.opts, snap)
+
+    def checkpoint_due(self, step: int, last: bool) -> bool:
+        return self.save_every > 0 and (step % self.save_every == 0 or last)
+
+    def save(self, trainer: Trainer, step: int, elapsed_s: float) -> None:
+        meta = checkpoint.checkpoint_meta(trainer.cfg, self.pd, trainer.accum, step, elapsed_s)
         meta.update(code_hash=self.code_hash, run_id=self.run_id, record_eligible=not self.non_record)
-        parts = dict(model=self.model, ema=self.ema, opts=self.opts, batches=self.batches)
+        parts = dict(model=trainer.model, ema=trainer.ema, opts=trainer.opts, batches=trainer.batches)
         ckdir = self.run_dir / "ckpt" / f"step_{step:06d}"
-        checkpoint.save_checkpoint(ckdir, self.pd, **parts, meta=meta, log=self.log)
+        checkpoint.save_checkpoint(ckdir, self.pd, **parts, meta=meta, log=self.logger)
 
-    def train(self, start_step: int = 0, elapsed_s: float = 0.0, save_every: int = 0) -> dict:
-        cfg, pd, log = self.cfg, self.pd, self.log
-        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        meter = StepMeter(elapsed_s, peak_flops(gpu), pd.world, self.device)
-        budget, fault = train_budget_s(cfg), fault_step(pd.rank)
-        exit_at = fault_step(pd.rank, FAULT_EXIT_ENV)
-        can_loop = self.model.config.num_loops > 0 and cfg.enable_looping_at >= 0
-        step, stop_after, last_val, start_elapsed = start_step, None, None, elapsed_s
-        first_loss = last_loss = None
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.sync()
-        t0 = time.perf_counter()
-        while True:
-            last = step >= cfg.iterations or (stop_after is not None and step >= stop_after)
-            periodic = cfg.val_loss_every > 0 and step > start_step and step % cfg.val_loss_every == 0
-            saving = save_every > 0 and step > start_step and (step % save_every == 0 or last)
-            if last or periodic or saving:  # outside the training clock
-                self.sync()
-                elapsed_s += time.perf_counter() - t0
-                if (last or periodic) and last_val != step:
-                    self.validate(step)
-                    last_val = step
-                if saving:
-                    self.save(step, elapsed_s)
-                self.sync()
-                t0 = time.perf_counter()
-            if last:
-                break
-            frac = progress(cfg, step, elapsed_s + time.perf_counter() - t0)
-            if can_loop and not self.model.looping and frac >= cfg.enable_looping_at:
-                self.model.set_looping(True)
-                log(f"step {step} | looping on (frac {frac:.3f})")
-            lr_mul, mu = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), muon_momentum(cfg, step)
-            die_if_planted(exit_at, step + 1, pd.rank)
-            loss, norm = self.step(step + 1, lr_mul, mu, poison=fault == step + 1)
-            self.ema.update()
-            step += 1
-            flops = self.model.flops_per_token(bool(self.model.looping)) * cfg.train_batch_tokens
-            meter.add(cfg.train_batch_tokens, flops)
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-            now_s = elapsed_s + time.perf_counter() - t0
-            if budget > 0 and stop_after is None and pd.any(now_s >= budget):  # all ranks stop together
-                stop_after = step
-                log(f"step {step} | wallclock budget {budget:.0f} s reached at {now_s:.1f} s")
-            looping = bool(self.model.looping)
-            rec = dict(step=step, loss=loss, grad_norm=norm, lr_mul=lr_mul, momentum=mu, looping=looping)
-            rec["train_s"] = now_s
-            if step % max(cfg.train_log_every, 1) == 0 or step in (1, cfg.iterations, stop_after):
-                log(meter.line(rec, cfg.iterations, now_s))
-            log.metric(rec)
-        steps_run = step - start_step
+    def train(self, trainer: Trainer, start_step: int, elapsed_s: float) -> dict:
+        """The scored loop (model/pipeline.py), metered; its result with throughput and memory."""
+        cuda = trainer.device.type == "cuda"
+        gpu = torch.cuda.get_device_name(trainer.device) if cuda else None
+        self.meter = StepMeter(elapsed_s, peak_flops(gpu), self.pd.world, trainer.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        r = trainer.train(start_step, elapsed_s)
+        tokens, seconds = self.meter.total_tokens, r["train_seconds"] - elapsed_s
         return {
-            "steps": step,
-            "steps_this_run": steps_run,
-            "train_seconds": elapsed_s,
-            "train_tokens": meter.total_tokens,
-            "tokens_per_s": meter.total_tokens / max(elapsed_s - start_elapsed, 1e-9) if steps_run else None,
-            "loss_first": first_loss,
-            "loss_last": last_loss,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device)
-            if self.device.type == "cuda"
-            else None,
+            **r,
+            "train_tokens": tokens,
+            "tokens_per_s": tokens / max(seconds, 1e-9) if r["steps_this_run"] else None,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(trainer.device) if cuda else None,
             "peak_rss_bytes": peak_rss_bytes(),
-            "looping_final": bool(self.model.looping),
         }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Artifact and evaluations
-# ---------------------------------------------------------------------------------------------------------
-
-
-def build_artifact(model, cfg: Config, data: RunData, pd: Dist, path: Path, log: Logger) -> dict:
-    """GPTQ Hessians from the first calibration batches of this rank's training stream (rank 0 only: the
-    artifact comes from rank 0), quantise, compress, write atomically; every rank then waits for it."""
-    from model.quant import CAP_BYTES, collect_hessians, save_artifact, size_report  # brotli: artifact only
-
-    t0 = time.perf_counter()
-    info = None
-    if pd.main:
-        accum, micro = batch_layout(cfg, pd.world)  # data rank 0 = rank 0's first micro-batch stream
-        loader = ShuffledSequenceLoader(
-            data.paths.train_pattern, cfg.train_seq_len, seed=cfg.seed, rank=0, world_size=pd.world * accum
-        )
-        batches = (loader.next_batch(micro)[0] for _ in range(cfg.gptq_calibration_batches))
-        hessians = collect_hessians(model, batches)
-        t1 = time.perf_counter()
-        code = code_size()
-        info = save_artifact(
-            model,
-            hessians,
-            path,
-            passthrough_max_numel=cfg.quant_passthrough_max_numel,
-            matrix_clip_sigmas=cfg.matrix_clip_sigmas,
-            embed_clip_sigmas=cfg.embed_clip_sigmas,
-            max_model_bytes=CAP_BYTES - code["code_bytes"] if cfg.fit_artifact_to_cap else None,
-        )
-        info["hessian_s"] = t1 - t0
-    pd.barrier()
-    if pd.main:
-        size = size_report(code["code_bytes"], info["model_bytes"])
-        info.update(size=size, code=code)
-        info["seconds"] = time.perf_counter() - t0
-        k0, k = cfg.matrix_clip_sigmas, info["matrix_clip_sigmas"]
-        refit = f" | int6 k raised {k0} -> {k:.4f} to fit" if k != k0 else ""
-        log(
-            f"artifact: {path.name} | model {size['model_bytes']:,} B + code {size['code_bytes']:,} B = "
-            f"{size['artifact_bytes']:,} B ({size['status']} vs cap {size['cap_bytes']:,}) | "
-            f"{info['n_quantized']} GPTQ + {info['n_passthrough']} passthrough tensors{refit} | "
-            f"{info['quantize_s']:.1f} s GPTQ in {info['fit_attempts']} pass(es) | {info['seconds']:.1f} s"
-        )
-    return info
-
-
-def evaluate_artifact(model, cfg: Config, data: RunData, device, path: Path, log: Logger) -> dict:
-    """Dequantised non-overlapping eval, sliding-window eval, then score-first TTT, each on a freshly
-    loaded copy of the artifact, each timed."""
-    from model.quant import load_artifact
-
-    load_artifact(model, path)
-    phases = {"quantized": non_overlapping_eval(model, cfg, data, device, log, "quantized")}
-    common = dict(seq_len=cfg.eval_seq_len, byte_counter=data.byte_counter, device=device)
-    if cfg.sliding_window_enabled:
-        r = eval_sliding_window(
-            model, data.val_tokens, stride=cfg.eval_stride, batch_windows=cfg.val_batch_seqs, **common
-        )
-        phases["sliding"] = log_phase("sliding", r, log)
-    if cfg.ttt_enabled:
-        load_artifact(model, path)
-        r = ttt_score_first(model, data.val_tokens, data.byte_counter, ttt_config(cfg), device=device)
-        phases["ttt"] = log_phase("ttt", r, log)
-    return phases
-
-
-def non_overlapping_eval(model, cfg: Config, data: RunData, device, log: Logger, phase: str) -> dict:
-    """The record's non-overlapping eval of the looped model (SPEC §8.1), logged as `phase`."""
-    model.set_looping(True)  # every eval runs the looped model
-    r = eval_non_overlapping(
-        model,
-        data.val_tokens,
-        seq_len=cfg.eval_seq_len,
-        batch_seqs=cfg.val_batch_seqs,
-        byte_counter=data.byte_counter,
-        device=device,
-    )
-    return log_phase(phase, r, log)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,16 +197,14 @@ def main(argv=None) -> int:
 
 def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     t_start = time.perf_counter()
-    # Configuration, processes, data: model/validate.py resolves the config (the preset, or the config of
+    # Configuration, processes, data: model/run/validate.py resolves the config (the preset, or the config of
     # what is evaluated, with env and flag overrides) and checks it, the paths, the memory, the run folder
     # and the data before anything is built or written; then it makes the run folder (log, lock)
     start = validate.startup(args, cli, cli_model, pd, log)
     cfg, data, run_id, run_dir = start.cfg, start.data, start.run_id, start.run_dir
     eval_only, resume, meta = start.eval_only, start.resume, start.meta
     mcfg = model_config(cfg, pd.device)
-    if pd.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_precision(pd.device)
     env = run_environment(pd.device, pd.world)
     env.update(corpus_fingerprint=data.paths.fingerprint, val_sha256=data.val_sha256)
     log(f"run {run_id} | " + " | ".join(f"{k} {v}" for k, v in env.items()))
@@ -424,7 +231,8 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
         report["artifact_path"] = str(eval_only)
         log(f"eval-only: {eval_only}")
         model = build_model(cfg, pd.device, pd)
-        report["phases"].update(evaluate_artifact(model, cfg, data, pd.device, eval_only, log))
+        hooks = RunHooks(log, pd, run_id, run_dir, 0)
+        report["phases"].update(evaluate_artifact(model, cfg, data, pd.device, eval_only, hooks))
         if pd.main:
             from model.quant import size_report
 
@@ -437,7 +245,8 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     # Model and optimizers, on kernels proven here first (a failing one runs as its reference)
     cfg, report["kernels"] = run_preflight(cfg, pd, log)
     mcfg = model_config(cfg, pd.device)
-    trainer = Trainer(cfg, pd, run_id, run_dir, log, data)
+    hooks = RunHooks(log, pd, run_id, run_dir, args.save_every)
+    trainer = Trainer(cfg, pd, data, hooks)
     report.update(world_size=pd.world, grad_accum_steps=trainer.accum, micro_batch_seqs=trainer.micro_seqs)
     report["n_params"] = n_params = sum(p.numel() for p in trainer.model.parameters())
     log(
@@ -457,7 +266,7 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
             reasons += [f"forced: {p}" for p in start.forced]  # checked at start-up, before the folder
             if not meta.get("record_eligible", True):
                 reasons.append("the resumed run was already non-record")
-            trainer.non_record = reasons
+            hooks.non_record = reasons
             payload = checkpoint.load_checkpoint(
                 resume, pd, model=trainer.model, ema=trainer.ema, opts=trainer.opts
             )
@@ -465,27 +274,28 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
             log(f"resumed from {resume}: step {start_step}, {elapsed:.1f} s of training")
         # Priming (untimed), then the loop
         report["priming_seconds"] = trainer.prime()
-        report["compile_cache"] = trainer.compile_cache
+        c = report["compile_cache"] = compile_cache()
+        log(
+            f"compile cache: FX graphs {c['fx_graph_hits']} hit / {c['fx_graph_misses']} compiled, "
+            f"AOTAutograd {c['autograd_hits']} hit / {c['autograd_misses']} compiled ({c['inductor_dir']})"
+        )
         confirm_on_path(report["kernels"], mcfg, cfg, pd.device, log)  # what ran, proven or not
         if resume:
             trainer.batches.load_state_dict(payload["loaders"])
             del payload
-        trainer.non_record = reasons
-        report.update(trainer.train(start_step, elapsed, args.save_every))
+        hooks.non_record = reasons
+        report.update(hooks.train(trainer, start_step, elapsed))
         if args.train_only:
             report["mode"] = "train-only"
             report["wall_seconds"] = time.perf_counter() - t_start
             return finish()
 
-    # EMA weights -> pre-quant eval -> artifact -> dequantised / sliding / TTT evals
-    trainer.ema.copy_to(trainer.model)
-    model = trainer.model
-    report["phases"]["prequant"] = non_overlapping_eval(model, cfg, data, pd.device, log, "prequant")
-    path = run_dir / "final_model.ptz"
-    info = build_artifact(model, cfg, data, pd, path, log)
+    # EMA weights -> pre-quant eval -> artifact -> dequantised / sliding / TTT evals (the scored pipeline)
+    code = code_size()
+    phases, info = score(trainer, run_dir / "final_model.ptz", code["code_bytes"])
+    report["phases"].update(phases)
     if pd.main:
-        record_artifact(report, info)
-    report["phases"].update(evaluate_artifact(model, cfg, data, pd.device, path, log))
+        record_artifact(report, {**info, "code": code})
 
     # Report
     close_evaluation(report, t_start)

@@ -253,7 +253,7 @@ def cmd_parity(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from model.preflight import check_kernels, format_table
+    from model.run.preflight import check_kernels, format_table
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     result = check_kernels(device, timed=not args.no_time)

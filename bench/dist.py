@@ -210,7 +210,7 @@ def _cpu_build(accum: int) -> SimpleNamespace:
     kernels, eager), 2 x 128 tokens per micro-batch."""
     import torch
 
-    from model.report import Logger
+    from model.run.report import Logger
     from model.run_config import resolve_config
     from model.train_step import build_model
     from optim.distributed import Dist

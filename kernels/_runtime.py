@@ -24,7 +24,7 @@ IMPLS = ("auto", "triton", "torch")
 launches: collections.Counter = collections.Counter()
 
 # Test hook: GOLFBENCH_FAULT_KERNEL=mlp makes the fused MLP kernel compute a wrong activation, so that
-# the preflight check (model/preflight.py) can be seen to catch a broken kernel.
+# the preflight check (model/run/preflight.py) can be seen to catch a broken kernel.
 FAULT_KERNEL_ENV = "GOLFBENCH_FAULT_KERNEL"
 
 

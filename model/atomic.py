@@ -2,7 +2,8 @@
 never sees half a file (shards, the artifact, checkpoints, reports, bench results).
 
 The one writer of the repository lives here, in model/, the lowest layer that writes files: model/data,
-model/quant, model/checkpoint, model/report and bench all import it (kernels/ and optim/ write nothing).
+model/quant, model/run/checkpoint, model/run/report and bench all import it (kernels/ and optim/ write
+nothing).
 """
 
 from __future__ import annotations

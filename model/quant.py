@@ -5,13 +5,13 @@ SPEC.md §7. The flow used by train.py::
     hessians = collect_hessians(model, train_batches)        # TRAINING batches, never validation
     report = save_artifact(model, hessians, path)             # GPTQ -> torch.save -> shuffle -> Brotli-11
     load_artifact(model, path)                                # reverse, dequantise, load into the banks
-    size = size_report(code_size()["code_bytes"], report["model_bytes"])   # PASS/FAIL (model/shipped_code.py)
+    size = size_report(code_size()["code_bytes"], report["model_bytes"])  # PASS/FAIL (model/run/shipped_code)
 
 Quantisation runs on ``model.unbanked_state_dict()`` (per-layer 2-D matrices with the legacy names), so
 call ``save_artifact`` with the EMA weights already loaded into the model.
 
 Over 500 lines on purpose: Hessians, GPTQ, the compressed container and the fit to the cap are one
-pipeline read top to bottom (the code's side of the cap is model/shipped_code.py).
+pipeline read top to bottom (the code's side of the cap is model/run/shipped_code.py).
 """
 
 from __future__ import annotations
@@ -513,7 +513,7 @@ def load_artifact(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.M
 
 
 # ---------------------------------------------------------------------------------------------------
-# The cap (SPEC §7.5); the code bytes come from model/shipped_code.py
+# The cap (SPEC §7.5); the code bytes come from model/run/shipped_code.py
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ class Config:
     muon_impl: str = "banked"  # banked (ours) | per_matrix (one Muon per 2-D matrix: the reference)
     compile: str = "auto"  # torch.compile the model: auto (on CUDA) | on | off
     muon_graphs: bool = True  # banked Muon's compiled, CUDA-graphed step (False: its eager step)
-    # Prove the kernels before priming (model/preflight.py): on (a failing kernel is replaced by its
+    # Prove the kernels before priming (model/run/preflight.py): on (a failing kernel is replaced by its
     # reference) | strict (a failing kernel refuses the run) | off (not checked; the report says so)
     preflight: str = "on"
     # optimisers (SPEC §5.1-5.2)
@@ -283,6 +283,14 @@ def resolve_config(
     """preset (or ``base``, a saved run's config) -> environment variables (FIELD_NAME in upper case) ->
     CLI values. Returns a Config whose every field is of its type, one of its choices and in its range
     (``training``: iterations >= 1); else raises ConfigError naming where the bad value came from."""
+    cfg, source = overridden_config(preset, env, cli, cli_model, base=base, base_source=base_source)
+    _check(cfg, source, training)
+    return cfg
+
+
+def overridden_config(preset: str, env=None, cli=None, cli_model=None, *, base=None, base_source=None):
+    """resolve_config's overrides without its range checks (the shipped program reads its config so; the
+    checks are train.py's): (the Config, where each field's value came from)."""
     if base is None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
@@ -309,9 +317,7 @@ def resolve_config(
         overrides[name] = _convert("--model-" + name.replace("_", "-"), raw, defaults[name])
         source[name] = "--model-" + name.replace("_", "-")
     values["model_overrides"] = overrides
-    cfg = Config(**values)
-    _check(cfg, source, training)
-    return cfg
+    return Config(**values), source
 
 
 def _check(cfg: Config, source: dict, training: bool) -> None:

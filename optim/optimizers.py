@@ -1,6 +1,6 @@
 """The record's optimizer set (SPEC.md 5.1): Muon on the four banks, AdamW on the tied embedding and on
-the scalars, stepped in #1523's order; and the reference per-matrix Muon layout (#1493) that the bench
-and the tests compare it with.
+the scalars, stepped in #1523's order; MUON_IMPL=per_matrix swaps in the reference per-matrix Muon
+layout (#1493, optim/per_matrix.py) that the bench and the tests compare it with.
 
 ``cfg`` is a run configuration (model/run_config.py's Config), read by field name; ``model`` a GPT
 (its ``param_groups()``).
@@ -10,42 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import average_gradients, initialized, rank_world
+from .distributed import average_gradients, initialized
 from .muon import Muon
-
-
-class PerMatrixMuon:
-    """The reference Muon layout (#1493): one optim.Muon per 2-D matrix of the banks, eager, so each of
-    the 66 matrices gets its own momentum, row-norm and Newton-Schulz kernels in a Python loop. The
-    matrices are Parameters that alias the bank slices; their gradients are views of the bank gradients."""
-
-    def __init__(self, banks, **kw):
-        if rank_world()[1] > 1:
-            raise ValueError("muon_impl=per_matrix is the single-process reference; use banked with torchrun")
-        self.slices = [
-            (bank, i, torch.nn.Parameter(bank.data[i])) for bank in banks for i in range(bank.size(0))
-        ]
-        self.opts = [Muon([p], cuda_graph=False, **kw) for _, _, p in self.slices]
-        self.param_groups = [g for opt in self.opts for g in opt.param_groups]
-
-    def launch_reduce_scatters(self) -> None:
-        pass
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for (bank, i, p), opt in zip(self.slices, self.opts):
-            if bank.grad is None:
-                continue
-            p.grad = bank.grad[i]
-            opt.step()
-            p.grad = None
-
-    def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.opts]
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        for opt, s in zip(self.opts, states):
-            opt.load_state_dict(s)
 
 
 class Optimizers:
@@ -63,6 +29,8 @@ class Optimizers:
             row_normalize=cfg.muon_row_normalize,
         )
         if cfg.muon_impl == "per_matrix":
+            from .per_matrix import PerMatrixMuon  # a reference: not in the shipped program
+
             self.muon = PerMatrixMuon(groups["matrix"], **muon_kw)
         else:
             graphs = device.type == "cuda" and cfg.muon_graphs

@@ -63,7 +63,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import atomic, checkpoint, data, metrics, run_config, run_folder, validate
+from model import atomic, data, metrics, run_config
+from model.run import checkpoint, run_folder, validate
 from model.train_step import FAULT_ENV
 from optim.distributed import Dist
 

@@ -24,7 +24,8 @@ import torch
 
 import train
 from bench.launch import child_env, run, torchrun_command
-from model import checkpoint, run_config
+from model import run_config
+from model.run import checkpoint
 from model.train_step import FAULT_ENV, FAULT_EXIT_ENV
 from optim.distributed import Dist
 from tests.distributed import report

@@ -50,7 +50,7 @@ def build(
     """train.py's pieces for one provider at the record config: cfg, model, model_c (compiled), opts,
     batches (fixed, on the GPU), pd, log. The step profile (bench/profile.py) builds from this too.
     model_overrides: GPTConfig fields to change (--quick's fewer layers)."""
-    from model.report import Logger
+    from model.run.report import Logger
     from model.run_config import resolve_config
     from model.train_step import build_model, compile_model
     from optim.distributed import Dist

@@ -27,6 +27,7 @@ from .paths import (
     fineweb_paths,
     load_run_data,
     load_tokenizer,
+    read_run_data,
 )
 from .shards import (
     HEADER_BYTES,
@@ -101,6 +102,7 @@ __all__ = [
     "load_run_data",
     "load_tokenizer",
     "load_val_tokens",
+    "read_run_data",
     "read_shard",
     "read_shard_header",
     "resolve_shards",

@@ -265,7 +265,19 @@ class RunData:
     paths: DataPaths
     val_tokens: torch.Tensor
     byte_counter: ByteCounter
-    val_sha256: str
+    val_sha256: str | None = None  # train.py's start-up checks record it (read_run_data does not hash)
+
+
+def read_run_data(cfg, paths: DataPaths, vocab_size: int, fix: str | None = None) -> RunData:
+    """What a run reads of ``paths`` before training: the validation stream (trimmed to the config's
+    val_max_tokens) and the byte counter of its tokenizer (``cfg``: a model.run_config.Config; ``fix``:
+    the command that makes the tokenizer again, for its error)."""
+    val = load_val_tokens(paths.val_pattern, cfg.eval_seq_len, vocab_size)
+    if cfg.val_max_tokens > 0 and val.numel() - 1 > cfg.val_max_tokens:
+        usable = (cfg.val_max_tokens // cfg.eval_seq_len) * cfg.eval_seq_len
+        val = val[: usable + 1].clone()
+    sp = load_tokenizer(paths.tokenizer_model, fix)
+    return RunData(paths, val, ByteCounter(sp, vocab_size=vocab_size))
 
 
 def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, log) -> RunData:
@@ -286,12 +298,9 @@ def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, lo
             "count 0 bytes and make bits per byte wrong; use the tokenizer the shards were made with, or "
             f"--model-vocab-size {paths.vocab_size}"
         )
-    val = load_val_tokens(paths.val_pattern, cfg.eval_seq_len, vocab_size)
-    if cfg.val_max_tokens > 0 and val.numel() - 1 > cfg.val_max_tokens:
-        usable = (cfg.val_max_tokens // cfg.eval_seq_len) * cfg.eval_seq_len
-        val = val[: usable + 1].clone()
-    sp = load_tokenizer(paths.tokenizer_model, paths.fix)
-    counter = ByteCounter(sp, vocab_size=vocab_size)
+    data = read_run_data(cfg, paths, vocab_size, paths.fix)
+    val, counter = data.val_tokens, data.byte_counter
+    sp = load_tokenizer(paths.tokenizer_model, paths.fix)  # the audit decodes with it (ms: loaded twice)
     t0 = time.perf_counter()
     try:
         audit = audit_run_tables(sp, counter.luts, val)
@@ -305,10 +314,10 @@ def load_run_data(cfg, data_dir: str | None, vocab_size: int, progress: bool, lo
         if audit
         else "not possible (no BOS in the validation stream)"
     )
-    sha = hashlib.sha256(val.numpy().tobytes()).hexdigest()
+    sha = data.val_sha256 = hashlib.sha256(val.numpy().tobytes()).hexdigest()
     log(
         f"data: {paths.source} {paths.dataset_dir} | val tokens {val.numel() - 1:,} (ids < {vocab_size}) | "
         f"val sha256 {sha[:16]} | byte tables audited against the decoder: {audited} in "
         f"{time.perf_counter() - t0:.2f} s"
     )
-    return RunData(paths, val, counter, sha)
+    return data

@@ -1,4 +1,4 @@
-"""The kernel preflight check (model/preflight.py) and `python -m bench check`: passes on correct kernels,
+"""The kernel preflight check (model/run/preflight.py) and `python -m bench check`: passes on correct kernels,
 fails on a planted wrong one, on an output left unwritten, and counts launches on the path."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kernels import _runtime, mlp
-from model import preflight
+from model.pipeline import pin_attention
+from model.run import preflight
 
 
 @pytest.fixture
@@ -125,13 +126,13 @@ def test_every_rank_takes_rank_0s_attention_backend(monkeypatch):
     for rank, expected_calls in ((0, 1), (1, 1)):  # rank 1 measures nothing and gets rank 0's answer
         pd = SimpleNamespace(device=torch.device("cuda"), world=2, main=rank == 0,
                              broadcast_object=lambda obj: "cudnn")  # fmt: skip
-        pinned = preflight.one_attention_backend(cfg, pd, logs.append)
+        pinned = pin_attention(cfg, pd, logs.append)
         assert model_config(pinned, pd.device).attn_impl == "cudnn"
         assert len(shapes) == expected_calls
     assert shapes[0] == ((48, 2048, 8, 4, 64), torch.bfloat16)  # the record's micro-batch at world 2
     assert any("cudnn on every rank" in line for line in logs)
     cpu = SimpleNamespace(device=torch.device("cpu"), world=1, main=True, broadcast_object=lambda o: o)
-    assert preflight.one_attention_backend(cfg, cpu, logs.append) is cfg  # CPU: PyTorch's own pick
+    assert pin_attention(cfg, cpu, logs.append) is cfg  # CPU: PyTorch's own pick
 
 
 @pytest.mark.interpreter

@@ -34,13 +34,13 @@ import torch
 
 from optim.distributed import Dist
 
+from ..config import GPTConfig
+from ..data import RunData, ShardError, check_token_ids, load_run_data, read_shard_header
+from ..data.shards import describe_files
+from ..gpt import GPT
+from ..run_config import Config, batch_layout, config_for_run, model_config, unknown_env_warnings
 from . import checkpoint
-from .config import GPTConfig
-from .data import RunData, ShardError, check_token_ids, load_run_data, read_shard_header
-from .data.shards import describe_files
-from .gpt import GPT
 from .report import Logger
-from .run_config import Config, batch_layout, config_for_run, model_config, unknown_env_warnings
 from .run_folder import RunFolder, choose, default_run_id
 
 CPU_LARGE_BYTES = 8 * 2**30  # a CPU run estimated above this needs --allow-large-cpu
@@ -242,7 +242,7 @@ def check_memory(cfg, mcfg, pd: Dist, accum: int, eval_only: bool, device_arg: s
 def check_artifact(path: Path, mcfg: GPTConfig) -> None:
     """The artifact is readable (its CRC holds) and holds every tensor of this config's model, in its shape
     (read from the stored tensors: an int6 matrix's codes have the matrix's shape; nothing is dequantised)."""
-    from .quant import ArtifactError, read_artifact
+    from ..quant import ArtifactError, read_artifact
 
     try:
         tensors, meta = read_artifact(path)

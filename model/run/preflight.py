@@ -40,6 +40,8 @@ from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from kernels.residual_norm import residual_rms_norm, residual_rms_norm_ref
 from kernels.xsa import exclusive_self_attention, exclusive_self_attention_ref
 
+from ..pipeline import pin_attention
+
 MLP_TOL = 4e-3  # the GPU tier's bound for every bf16 MLP tensor and the CE loss and gradient
 FP32_TOL = 1e-5  # fp32 under the interpreter: reordered fp32 sums only (the interpreter tier's bound)
 MUON_TOL = 2e-2  # compiled vs eager Muon update: a few flipped bf16 roundings, amplified by NS
@@ -368,37 +370,6 @@ def kernels_on_path(expected: list[str]) -> dict[str, bool]:
     return {k: all(_runtime.launches[n] > 0 for n in FAMILIES[k]) for k in expected if k in FAMILIES}
 
 
-def one_attention_backend(cfg, pd, log):
-    """ "auto" attention chooses by timing in each process, so two ranks could run different kernels:
-    every rank takes rank 0's choice at the training shape (the eval shapes then use it too)."""
-    import dataclasses
-
-    from kernels.attention import measure
-
-    from .run_config import batch_layout, model_config
-
-    mcfg = model_config(cfg, pd.device)
-    if mcfg.attn_impl != "auto" or pd.device.type != "cuda":
-        return cfg
-    shape = (
-        batch_layout(cfg, pd.world)[1],
-        cfg.train_seq_len,
-        mcfg.num_heads,
-        mcfg.num_kv_heads,
-        mcfg.head_dim,
-    )
-    dtype = getattr(torch, cfg.embed_dtype)  # the activations' dtype
-    rec = measure(shape, dtype, pd.device) if pd.main else None
-    choice = pd.broadcast_object(rec["choice"] if rec else None)
-    if rec:
-        times = ", ".join(
-            f"{k} {e['ms']:.3f} ms" if "ms" in e else f"{k} {e['status']}"
-            for k, e in rec["candidates"].items()
-        )
-        log(f"attention: {choice} on every rank ({rec['why']} at {shape}: {times})")
-    return dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "attn_impl": choice})
-
-
 def run_preflight(cfg, pd, log) -> tuple:
     """The check before priming, as train.py runs it. Returns (cfg, record): `cfg` with one attention
     backend for every rank and every kernel whose check failed on any rank switched to its reference
@@ -406,7 +377,7 @@ def run_preflight(cfg, pd, log) -> tuple:
     the run instead. `record` goes into the report."""
     import dataclasses
 
-    cfg = one_attention_backend(cfg, pd, log)
+    cfg = pin_attention(cfg, pd, log)
     if cfg.preflight == "off":
         log("preflight: OFF (--preflight off): the kernels were not proven on this machine")
         return cfg, {"mode": "off", "replaced": []}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json
-from .run_config import Config, config_hash
+from ..atomic import write_json
+from ..run_config import Config, config_hash
 from .shipped_code import code_hash
 
 CAP_TRAIN_S = 600.0  # challenge limits (SPEC §8.5, §7.5)
@@ -194,7 +194,7 @@ def record_artifact(report: dict, info: dict) -> None:
     keys += ("hessian_s", "quantize_s", "compress_s", "seconds")
     report["phases"]["artifact"] = {k: info[k] for k in keys}
     report["artifact_bytes"] = artifact_bytes(info["size"])
-    details = ("raw_bytes", "minified_bytes", "lzma_bytes", "stub_bytes")
+    details = ("raw_bytes", "shaken_bytes", "minified_bytes", "compressed_bytes", "loader_bytes", "encoding")
     report["artifact_bytes"]["code_detail"] = {k: info["code"][k] for k in details}
 
 

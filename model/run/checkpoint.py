@@ -1,4 +1,4 @@
-"""Training state saved and restored: in memory (priming's snapshot, restored exactly and checked) and on
+"""Training state checked and saved: in memory (priming's snapshot, checked to be restored exactly) and on
 disk (runs/<run id>/ckpt/step_NNNNNN/: rank{r}.pt of every rank, then meta.json once all are written).
 
 A checkpoint directory without meta.json is incomplete and is never resumed; every file is written to a
@@ -23,8 +23,8 @@ import torch
 
 from optim.distributed import Dist
 
-from .atomic import atomic_write
-from .run_config import Config, config_hash, read_saved_json
+from ..atomic import atomic_write
+from ..run_config import Config, config_hash, read_saved_json
 from .shipped_code import code_hash
 
 # ---------------------------------------------------------------------------------------------------------
@@ -32,28 +32,11 @@ from .shipped_code import code_hash
 # ---------------------------------------------------------------------------------------------------------
 
 
-def snapshot(model, opts) -> tuple[dict, dict]:
-    """Copies of the weights and of every optimizer state."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, _clone_state(opts.state_dict())
-
-
-def restore(model, opts, snap: tuple[dict, dict]) -> None:
-    """Load a snapshot back and check that weights and optimizer states are exactly what it holds
-    (optimizer state created after it, such as kept buffers, must be zero)."""
+def check_restored(model, opts, snap: tuple[dict, dict]) -> None:
+    """After priming (model/pipeline.py's Trainer.prime) loaded its snapshot back: weights and optimizer
+    states are exactly what it holds (optimizer state created after it, such as kept buffers, is zero)."""
     model_snap, opt_snap = snap
-    model.load_state_dict(model_snap)
-    opts.load_state_dict(opt_snap)
     _assert_restored(model, model_snap, opts.state_dict(), opt_snap)
-
-
-def _clone_state(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_state(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_clone_state(v) for v in obj)
-    return obj
 
 
 def _assert_restored(model, model_snap: dict, opt_state, opt_snap) -> None:

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import atomic_write, folder_blocker, remove_temporaries
+from ..atomic import atomic_write, folder_blocker, remove_temporaries
 
 LOCK = ".lock"
 
