@@ -70,6 +70,7 @@ from model.report import (
 from model.run_config import (
     PRESETS,
     Config,
+    FlagParser,
     add_config_flags,
     batch_layout,
     config_flags,
@@ -96,8 +97,11 @@ from optim.schedule import lr_multiplier, muon_momentum, progress, train_budget_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = FlagParser(
+        prog="train.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--preset P] [--device D] [--eval-only PATH | --resume DIR] [--FIELD V ...]",
     )
     p.add_argument("--preset", default="record", choices=sorted(PRESETS))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -404,10 +408,11 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     log("model: " + json.dumps(asdict(mcfg), sort_keys=True))
     if pd.main:
         write_json(
-            run_dir / "config.json", {"config": asdict(cfg), "model": asdict(mcfg), "environment": env}
+            run_dir / "config.json",
+            {"preset": start.preset, "config": asdict(cfg), "model": asdict(mcfg), "environment": env},
         )
     mode = "eval-only" if eval_only else "train"
-    report = new_report(run_id, args.preset, mode, cfg, mcfg, env, data.paths.source)
+    report = new_report(run_id, start.preset, mode, cfg, mcfg, env, data.paths.source)
     reasons = report["non_record_reasons"]
 
     def finish() -> int:
