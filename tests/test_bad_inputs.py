@@ -640,6 +640,17 @@ def test_row19_bench_plot_takes_a_folder(tmp_path, capsys):
     assert bench_main(["plot", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"bench plot: {tmp_path / 'empty'}: no results JSON under")
+    # a results file that cannot be read is named, with why: not "there is none"
+    (tmp_path / "bad" / "b").mkdir(parents=True)
+    (tmp_path / "bad" / "b" / "results.json").write_text(src.read_text()[:500])  # truncated
+    assert bench_main(["plot", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no readable results JSON" in err[0], err
+    assert f"{tmp_path / 'bad' / 'b' / 'results.json'}: not valid JSON" in err[0], err
+    shutil.copy(src, tmp_path / "bad" / "results.json")  # beside a good one: plotted, the bad one named
+    assert bench_main(["plot", str(tmp_path / "bad")]) == 0
+    err = capsys.readouterr().err
+    assert f"left out {tmp_path / 'bad' / 'b' / 'results.json'}: not valid JSON" in err, err
 
 
 # ---------------------------------------------------------------------------------------------------------
