@@ -71,14 +71,17 @@ from model.run.report import (
 )
 from model.run.run_folder import interrupted
 from model.run.shipped_code import code_hash, code_size
-from model.run_config import PRESETS, add_config_flags, config_flags, model_config
+from model.run_config import PRESETS, FlagParser, add_config_flags, config_flags, model_config
 from model.train_step import FAULT_EXIT_ENV, build_model, compile_cache, die_if_planted, fault_step
 from optim.distributed import Dist, setup_processes
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = FlagParser(
+        prog="train.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--preset P] [--device D] [--eval-only PATH | --resume DIR] [--FIELD V ...]",
     )
     p.add_argument("--preset", default="record", choices=sorted(PRESETS))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -212,10 +215,11 @@ def run(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> int:
     log("model: " + json.dumps(asdict(mcfg), sort_keys=True))
     if pd.main:
         write_json(
-            run_dir / "config.json", {"config": asdict(cfg), "model": asdict(mcfg), "environment": env}
+            run_dir / "config.json",
+            {"preset": start.preset, "config": asdict(cfg), "model": asdict(mcfg), "environment": env},
         )
     mode = "eval-only" if eval_only else "train"
-    report = new_report(run_id, args.preset, mode, cfg, mcfg, env, data.paths.source)
+    report = new_report(run_id, start.preset, mode, cfg, mcfg, env, data.paths.source)
     reasons = report["non_record_reasons"]
 
     def finish() -> int:

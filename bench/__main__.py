@@ -172,12 +172,14 @@ def cmd_plot(args) -> int:
     from bench.plot import plot_results, results_files
 
     try:
-        files = results_files(args.results)
+        files, broken = results_files(args.results)
         out = Path(args.out) if args.out else files[0].parent / "plots"
         written = plot_results(files, out)
     except (FileNotFoundError, ValueError) as exc:
         print(f"bench plot: {exc}", file=sys.stderr)
         return 2
+    for why in broken:
+        print(f"bench plot: left out {why}", file=sys.stderr)
     for p in written:
         print(p)
     if not written:

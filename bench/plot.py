@@ -57,9 +57,23 @@ def _x_value(rec: dict):
     return rec["params"].get(rec["x"]) if rec["x"] else rec["case"]
 
 
-def results_files(paths: list[str | Path]) -> list[Path]:
-    """The given results files, a folder standing for every results JSON under it (other JSON skipped)."""
+def _meant_as_results(path: Path) -> bool:
+    """A file `bench run` wrote (results.json, results-<time>.json) or one that says it is a results file:
+    when it cannot be read, that is an error to report, not a file to skip."""
+    if path.name.startswith("results"):
+        return True
+    try:
+        return '"golfbench.results' in path.read_text(errors="replace")[:200]
+    except OSError:
+        return False
+
+
+def results_files(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """(the results files to plot, why each broken one is left out). A folder stands for every results
+    JSON under it: other JSON files (reports, comparisons) are skipped, results files that cannot be read
+    (corrupt, truncated, another schema) are named with the reason; with none readable, ValueError."""
     files: list[Path] = []
+    broken: list[str] = []
     for p in map(Path, paths):
         if not p.is_dir():
             files.append(p)
@@ -68,15 +82,19 @@ def results_files(paths: list[str | Path]) -> list[Path]:
         for f in sorted(p.rglob("*.json")):
             try:
                 read_results(f)
-            except ValueError:
+            except ValueError as exc:
+                if _meant_as_results(f):
+                    broken.append(str(exc))
                 continue
             found.append(f)
         if not found:
+            if broken:
+                raise ValueError(f"{p}: no readable results JSON under this folder: " + "; ".join(broken))
             raise ValueError(
                 f"{p}: no results JSON under this folder (python -m bench run writes results.json)"
             )
         files += found
-    return files
+    return files, broken
 
 
 def plot_results(paths: list[str | Path], out_dir: str | Path) -> list[Path]:

@@ -402,6 +402,22 @@ def pack_artifact(tensors: dict[str, Tensor], meta: dict[str, object]) -> bytes:
     return brotli_segments_compress(byte_shuffle(buf.getvalue(), 2))
 
 
+def rebuild_hint(path: str | os.PathLike) -> str:
+    """The command that writes the artifact at ``path`` again: evaluating the newest checkpoint of its run
+    (train.py rebuilds the artifact from its EMA weights), else training its run again."""
+    path = Path(path)
+    ckpts = sorted(path.parent.glob("ckpt/step_*/meta.json"))
+    if ckpts:
+        return f"python train.py --eval-only {ckpts[-1].parent} (rebuilds it from that checkpoint of its run)"
+    from .run_config import run_preset
+
+    try:
+        preset = run_preset("record", path if path.is_file() else None, None)
+    except SystemExit:  # an unreadable config.json beside it: the command is a hint, not a check
+        preset = "record"
+    return f"python train.py --preset {preset} (trains its run again: it left no checkpoint to rebuild from)"
+
+
 def unpack_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, Tensor], dict[str, object]]:
     """Inverse of :func:`pack_artifact`; raises :class:`ArtifactError` naming ``source`` on bad input."""
     try:
@@ -410,7 +426,7 @@ def unpack_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, Ten
     except Exception as e:  # brotli.error, ValueError, pickle/zip errors from torch.load
         raise ArtifactError(
             f"{source}: not a readable golfbench artifact ({len(blob)} bytes; {type(e).__name__}: {e}). "
-            "The file is corrupt or truncated; re-create it with save_artifact (train.py writes it)."
+            f"The file is corrupt or truncated; write it again: {rebuild_hint(source)}"
         ) from e
     if not isinstance(obj, dict) or set(obj) != {"w", "m"}:
         raise ArtifactError(f"{source}: artifact payload is not {{'w': tensors, 'm': meta}}")

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -22,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from kernels._runtime import IMPLS
+from kernels.attention import IMPLS as ATTN_IMPLS
 
 from .config import KERNEL_IMPL_FIELDS, GPTConfig, get_config
 from .config import PRESETS as MODEL_PRESETS
@@ -250,12 +254,19 @@ def _convert(name: str, raw, default):
             try:
                 return int(text)  # exact: a float round trip would change a large seed silently
             except ValueError:
+                pass
+            try:
                 value = float(text)  # "1e6" style, exact only below 2^53
+            except ValueError:
+                value = math.nan
             if not math.isfinite(value) or value != int(value) or abs(value) > 2**53:
-                raise ValueError("expected an integer") from None
+                raise ValueError(f"expected an integer, e.g. {default} (1e3 style too)") from None
             return int(value)
         if isinstance(default, float):
-            return float(text)
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"expected a number, e.g. {default}") from None
     except ValueError as e:
         raise ConfigError(f"config {name}={raw!r}: {e}") from None
     return text
@@ -440,16 +451,72 @@ def batch_layout(cfg: Config, world: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the message, and --help for the flags) instead of the usage of
+    some 90 config flags first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (python {self.prog} --help lists every flag)\n")
+
+
+def field_notes(cls) -> dict[str, str]:
+    """Each field's trailing comment in the class's source (``name: type = default  # note``): what it
+    documents there, for the flag's help; {} when the source cannot be read."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    notes = {}
+    for line in lines:
+        m = re.match(r"    (\w+): [^=#]+= [^#]*#\s*(.+)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).strip()
+    return notes
+
+
+def flag_help(name: str, default, spec_what: tuple[str, str] | None, choices, note: str, env: str):
+    """(metavar, one-line help) of a config flag, generated from the field: its type or choices, its
+    range and description (RANGES / MODEL_RANGES), its comment in the dataclass, its record default."""
+    if choices:
+        metavar = "{" + ",".join(choices) + "}"
+    elif isinstance(default, bool):
+        metavar = "0|1"
+    else:
+        metavar = {int: "INT", float: "FLOAT"}.get(type(default), "TEXT")
+    spec, what = spec_what or (None, None)
+    switch = " (1: on, 0: off)" if isinstance(default, bool) else ""
+    text = note or what or name.replace("_", " ") + switch
+    if spec:
+        text += f"; {describe_range(spec)}"
+    shown = int(default) if isinstance(default, bool) else default
+    return metavar, f"{text} (record: {shown}; env {env})".replace("%", "%%")  # argparse formats with %
+
+
+# Choices of GPTConfig's string fields (GPTConfig checks them itself; here for the flags' help)
+MODEL_CHOICES = {**dict.fromkeys(KERNEL_IMPL_FIELDS, IMPLS), "attn_impl": ATTN_IMPLS}
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """--<field> for every Config field and --model-<field> for every GPTConfig field."""
+    """--<field> for every Config field and --model-<field> for every GPTConfig field, each with a metavar
+    and a one-line help generated from the field (flag_help)."""
+    group = p.add_argument_group("run config (model/run_config.py Config; env: the field in upper case)")
+    notes = field_notes(Config)
     for f in dataclasses.fields(Config):
         if f.name != "model_overrides":
-            p.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V")
-    for name in model_fields():
-        if name not in SHARED:
-            p.add_argument(
-                "--model-" + name.replace("_", "-"), dest="model_" + name, default=None, metavar="V"
+            name, default = f.name, getattr(PRESETS["record"], f.name)
+            metavar, text = flag_help(
+                name, default, RANGES.get(name), CHOICES.get(name), notes.get(name, ""), name.upper()
             )
+            flag = "--" + name.replace("_", "-")
+            group.add_argument(flag, dest="cfg_" + name, default=None, metavar=metavar, help=text)
+    group = p.add_argument_group("model config (model/config.py GPTConfig; env: the field in upper case)")
+    notes = field_notes(GPTConfig)
+    for name, default in model_fields().items():
+        if name not in SHARED:
+            choices, note = MODEL_CHOICES.get(name), notes.get(name, "")
+            metavar, text = flag_help(name, default, MODEL_RANGES.get(name), choices, note, name.upper())
+            flag = "--model-" + name.replace("_", "-")
+            group.add_argument(flag, dest="model_" + name, default=None, metavar=metavar, help=text)
 
 
 def config_flags(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -507,3 +574,17 @@ def config_for_run(
         )
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
+
+
+def run_preset(preset: str, eval_only: Path | None, meta: dict | None) -> str:
+    """The preset a run stands for, in its folder name and report: --preset for a new run; for --eval-only
+    or --resume, that of the run that made what is evaluated or resumed (the "preset" of the config.json
+    beside an artifact, else the preset of its model), not --preset's default."""
+    beside = eval_only.parent / "config.json" if eval_only and eval_only.is_file() else None
+    if beside and beside.is_file():
+        saved = read_saved_json(beside)
+    elif meta is not None:
+        saved = meta
+    else:
+        return preset
+    return str(saved.get("preset") or (saved.get("config") or {}).get("model_preset") or preset)

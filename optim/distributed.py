@@ -109,6 +109,22 @@ class Dist:
             dist.destroy_process_group()
 
 
+def init_process_group(backend: str, device: torch.device | None = None) -> None:
+    """``dist.init_process_group(backend)`` such that ``dist.destroy_process_group()`` really ends it.
+
+    ``torch.distributed.nn.functional`` binds ``group.WORLD`` as the default argument of its functions
+    when it is first imported, and torch._dynamo imports it (through torch.distributed._shard) the first
+    time anything compiles or builds a custom op. Imported after the group exists, those defaults keep
+    the ProcessGroup alive past destroy_process_group, and with it gloo's worker and TCP-loop threads,
+    until interpreter finalization tears them down: rank 0 of a CPU test then died at random with
+    SIGABRT ("terminate called without an active exception"). Imported here first, the defaults are
+    None and destroying the group joins its threads.
+    """
+    import torch.distributed.nn.functional  # noqa: F401  (before the group exists: see above)
+
+    dist.init_process_group(backend, device_id=device)
+
+
 def setup_processes(device_arg: str) -> Dist:
     """One process, or torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU."""
     want_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
@@ -122,5 +138,5 @@ def setup_processes(device_arg: str) -> Dist:
     if want_cuda:
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
+        init_process_group("nccl" if want_cuda else "gloo", device if want_cuda else None)
     return Dist(rank, world, local_rank, device)

@@ -33,6 +33,22 @@ def report(name: str, data: dict) -> None:
             f.write(json.dumps({"test": name, **data}, default=str) + "\n")
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's native threads that belong to gloo (Linux /proc; [] elsewhere). After
+    destroy_process_group there must be none, else the group outlived it (see
+    optim.distributed.init_process_group)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(n for n in names if "gloo" in n)
+
+
 def run_ranks(check: str, nproc: int, device: str, tmp_path: Path, timeout: float = 300.0, **kwargs) -> list:
     """Run `check` ("module:function", called as function(device, **kwargs)) on `nproc` ranks of the
     backend for `device` ("cpu": gloo, "cuda": NCCL); returns the ranks' results in rank order."""
@@ -52,6 +68,8 @@ def _worker(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
+    from optim.distributed import init_process_group
+
     p = argparse.ArgumentParser(description="one rank of a multi-rank test (launched by torchrun)")
     p.add_argument("check", help="module:function")
     p.add_argument("out", help="JSON file rank 0 writes")
@@ -62,11 +80,11 @@ def _worker(argv=None) -> int:
     if args.device == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        init_process_group("nccl", device)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1)
-        dist.init_process_group("gloo")
+        init_process_group("gloo")
     try:
         module, _, name = args.check.partition(":")
         result = getattr(importlib.import_module(module), name)(device, **json.loads(args.kwargs)) or {}
@@ -79,6 +97,9 @@ def _worker(argv=None) -> int:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # a group kept alive past destroy keeps its threads into interpreter exit, where they abort at random
+    alive = gloo_threads()
+    assert not alive, f"rank {os.environ.get('RANK')}: gloo threads {alive} outlived destroy_process_group"
     return 0
 
 

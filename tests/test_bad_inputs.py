@@ -461,6 +461,61 @@ def test_row13_a_run_folder_in_use_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="in use by another train.py process"):
         run_folder.RunFolder(tmp_path / "r", continuing=True)
     assert held.run_dir.is_dir()
+    held.release()  # the run ended: no .lock is left, and the folder can be locked again
+    assert not (tmp_path / "r" / run_folder.LOCK).exists()
+    again = run_folder.RunFolder(tmp_path / "r", continuing=True)
+    again.release()
+
+
+LOCK_SCRIPT = """
+import sys
+from pathlib import Path
+from model import run_folder
+folder = run_folder.RunFolder(Path(sys.argv[1]), continuing=False)
+print("locked", flush=True)
+if sys.argv[2] == "error":
+    raise RuntimeError("a run that fails")
+if sys.argv[2] == "wait":
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("end", ["normal", "error"])
+def test_row13_a_finished_run_keeps_no_lock_file(tmp_path, end):
+    run_dir = tmp_path / "r"
+    proc = subprocess.run(
+        [sys.executable, "-c", LOCK_SCRIPT, str(run_dir), end], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.stdout.startswith("locked") and (proc.returncode != 0) == (end == "error"), proc.stderr
+    assert run_dir.is_dir() and not (run_dir / run_folder.LOCK).exists()
+
+
+def test_row13_the_lock_holds_while_the_run_lives(tmp_path):
+    run_dir = tmp_path / "r"
+    cmd = [sys.executable, "-c", LOCK_SCRIPT, str(run_dir), "wait"]
+    with subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline().startswith("locked")
+        assert (run_dir / run_folder.LOCK).exists()
+        with pytest.raises(SystemExit, match="in use by another train.py process"):
+            run_folder.RunFolder(run_dir, continuing=True)
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and not (run_dir / run_folder.LOCK).exists()
+
+
+def test_row13_a_lock_on_the_file_of_a_run_that_just_ended_is_taken_again(tmp_path, monkeypatch):
+    """Between our open() and flock() the run that held the folder ends and removes its .lock: the
+    flock then succeeds on a file no longer in the folder, and would lock nothing. It is retaken."""
+    run_dir, real, removed = tmp_path / "r", run_folder.fcntl.flock, []
+
+    def flock(fh, op):
+        if not removed:  # the other run ends right now
+            removed.append((run_dir / run_folder.LOCK).unlink())
+        return real(fh, op)
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", flock)
+    folder = run_folder.RunFolder(run_dir, continuing=True)
+    assert removed and os.stat(run_dir / run_folder.LOCK).st_ino == os.fstat(folder._lock.fileno()).st_ino
+    folder.release()
 
 
 @pytest.mark.parametrize("run_id", ["../../escape", "/tmp/abs", "a/b", "..", ".", ""])
@@ -586,6 +641,17 @@ def test_row19_bench_plot_takes_a_folder(tmp_path, capsys):
     assert bench_main(["plot", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"bench plot: {tmp_path / 'empty'}: no results JSON under")
+    # a results file that cannot be read is named, with why: not "there is none"
+    (tmp_path / "bad" / "b").mkdir(parents=True)
+    (tmp_path / "bad" / "b" / "results.json").write_text(src.read_text()[:500])  # truncated
+    assert bench_main(["plot", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no readable results JSON" in err[0], err
+    assert f"{tmp_path / 'bad' / 'b' / 'results.json'}: not valid JSON" in err[0], err
+    shutil.copy(src, tmp_path / "bad" / "results.json")  # beside a good one: plotted, the bad one named
+    assert bench_main(["plot", str(tmp_path / "bad")]) == 0
+    err = capsys.readouterr().err
+    assert f"left out {tmp_path / 'bad' / 'b' / 'results.json'}: not valid JSON" in err, err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -674,6 +740,50 @@ def test_row26_integers_are_exact_and_val_max_tokens_fits():
     ):
         with pytest.raises(run_config.ConfigError, match=phrase):
             run_config.resolve_config("tiny", env=env)
+
+
+def test_row26_a_value_of_the_wrong_type_names_the_flag_and_the_type():
+    for cli, phrase in (
+        ({"iterations": "ten"}, "--iterations='ten': expected an integer, e.g. 120"),
+        ({"matrix_lr": "fast"}, "--matrix-lr='fast': expected a number, e.g. 0.022"),
+        ({"ttt_enabled": "maybe"}, "--ttt-enabled='maybe': expected 0/1/true/false"),
+    ):
+        with pytest.raises(run_config.ConfigError, match=re.escape(phrase)):
+            run_config.resolve_config("tiny", env={}, cli=cli)
+    with pytest.raises(run_config.ConfigError, match=re.escape("ITERATIONS='ten': expected an integer")):
+        run_config.resolve_config("tiny", env={"ITERATIONS": "ten"})
+
+
+def test_row26_a_bad_flag_is_one_line_and_every_flag_says_what_it_takes(capsys):
+    import train
+
+    for argv, phrase in (
+        (["--preset", "bogus"], "argument --preset: invalid choice: 'bogus'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--save-every", "x"], "argument --save-every: invalid int value: 'x'"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_args(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("train.py: error: ") and phrase in err and "--help lists every flag" in err, err
+    parser = run_config.FlagParser(prog="train.py")
+    run_config.add_config_flags(parser)
+    flags = {a.dest: a for a in parser._actions if a.dest.startswith(("cfg_", "model_"))}
+    assert len(flags) == len(dataclasses.fields(run_config.Config)) - 1 + len(run_config.model_fields()) - 2
+    for dest, action in flags.items():
+        name = dest.split("_", 1)[1]
+        assert action.metavar not in (None, "V") and action.help and "\n" not in action.help, dest
+        spec_what = (
+            run_config.RANGES.get(name) if dest.startswith("cfg_") else run_config.MODEL_RANGES.get(name)
+        )
+        if spec_what:  # generated from the field's range and description, not written a second time
+            assert run_config.describe_range(spec_what[0]) in action.help, (dest, action.help)
+    assert flags["cfg_iterations"].metavar == "INT" and flags["cfg_matrix_lr"].metavar == "FLOAT"
+    assert flags["cfg_ttt_enabled"].metavar == "0|1" and flags["cfg_kernels"].metavar == "{auto,triton,torch}"
+    assert "SDClip k, int6 matrices" in flags["cfg_matrix_clip_sigmas"].help  # the dataclass's comment
+    text = parser.format_help()
+    assert " V " not in text and "env MATRIX_LR" in text
 
 
 def test_row27_negative_save_every_is_refused(tmp_path):

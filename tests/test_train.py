@@ -48,15 +48,16 @@ def _clean_env(**extra) -> dict:
 def _run(
     args: list[str],
     out_dir: Path,
-    run_id: str,
+    run_id: str | None,
     env=None,
     torchrun: int = 0,
     check: bool = True,
     device: str = "cpu",
     timeout: float = 600,
+    preset: str | None = "tiny",
 ):
-    target = ["train.py", "--preset", "tiny", "--device", device, "--out-dir", str(out_dir), "--run-id"]
-    target += [run_id, *args]
+    target = ["train.py", "--device", device, "--out-dir", str(out_dir)]
+    target += (["--preset", preset] if preset else []) + (["--run-id", run_id] if run_id else []) + args
     cmd = torchrun_command(torchrun, target) if torchrun else [sys.executable, *target]
     proc = run(cmd, env=env or _clean_env(), timeout=timeout, cwd=ROOT)
     if check and (proc.returncode != 0 or proc.timed_out):
@@ -125,6 +126,9 @@ def test_tiny_run_end_to_end(tiny_run):
         and sub["bytes_total"] == size["total"]
         and sub["track"] == "10min_16mb"
     )
+    # it describes what ran: the tiny model, the reference kernels of a CPU run
+    assert "(tiny preset)" in sub["name"] and sub["blurb"].startswith("SP1024 + 6 layers x 64 + triple"), sub
+    assert "fused" not in sub["blurb"] and not (tiny_run / ".lock").exists()
     log = (tiny_run / "train.log").read_text()
     for needle in (
         "torch 2.",
@@ -139,9 +143,14 @@ def test_tiny_run_end_to_end(tiny_run):
 
 
 def test_eval_only_reproduces_the_artifact_numbers(tiny_run, tmp_path):
-    _run(["--eval-only", str(tiny_run / "final_model.ptz")], tmp_path, "eval")
-    rep, ref = _report(tmp_path / "eval"), _report(tiny_run)
-    assert rep["mode"] == "eval-only" and rep["record_eligible"] is False
+    # no --preset, no --run-id: the run stands for the preset of the artifact's run, not --preset's default
+    _run(["--eval-only", str(tiny_run / "final_model.ptz")], tmp_path, None, preset=None)
+    (folder,) = tmp_path.iterdir()
+    assert "-tiny-" in folder.name and not (folder / ".lock").exists(), folder
+    rep, ref = _report(folder), _report(tiny_run)
+    assert rep["mode"] == "eval-only" and rep["record_eligible"] is False and rep["preset"] == "tiny"
+    blurb = json.loads((folder / "submission.json").read_text())["blurb"]
+    assert blurb.startswith("SP1024 + 6 layers x 64") and "fused" not in blurb, blurb
     for phase in ("quantized", "sliding", "ttt"):
         for key in ("val_loss", "val_bpb"):
             assert rep["phases"][phase][key] == pytest.approx(ref["phases"][phase][key], rel=1e-6), (

@@ -258,6 +258,35 @@ def compliance(report: dict, val_tokens: int) -> dict:
     return block
 
 
+_PASSES = {2: "double", 3: "triple", 4: "quadruple"}
+
+
+def describe_run(report: dict, cfg: Config) -> str:
+    """The submission's blurb, from the config that ran (the record's reads "SP8192 + 11 layers x 512 +
+    triple depth recurrence + ..."): what is off is left out, and "fused MLP" / "fused CE" only when those
+    kernels ran (kernels_used); an evaluation-only run, which trained nothing, names no kernel."""
+    m = report.get("model_config") or {}
+    used = (report.get("kernels") or {}).get("used") or {}
+    parts = [f"SP{m.get('vocab_size')}", f"{m.get('num_layers')} layers x {m.get('model_dim')}"]
+    loops = m.get("num_loops") or 0
+    if loops:
+        passes = _PASSES.get(loops + 1, f"{loops + 1}x")
+        parts.append(f"{passes} depth recurrence (layers {m.get('loop_start')}-{m.get('loop_end')})")
+    parts.append("parameter banking")
+    parts += [f"fused {k.upper() if k == 'mlp' else 'CE'}" for k in ("mlp", "ce") if used.get(k) is True]
+    if report.get("mode") != "eval-only":
+        parts.append(f"Muon {cfg.muon_momentum:g} ({cfg.muon_impl})")
+    if (m.get("parallel_start_layer") or 0) < (m.get("num_layers") or 0):
+        parts.append("parallel residuals")
+    if cfg.ttt_enabled:
+        parts.append("score-first TTT" + (" with eval-time hash embedding" if cfg.hash_embed_enabled else ""))
+    if cfg.sliding_window_enabled:
+        parts.append(f"sliding-window eval (stride {cfg.eval_stride})")
+    k = (report.get("phases") or {}).get("artifact", {}).get("matrix_clip_sigmas", cfg.matrix_clip_sigmas)
+    parts.append(f"SDClip GPTQ int6 (k {k:.4g}) + Brotli")
+    return " + ".join(parts)
+
+
 def write_submission(run_dir: Path, report: dict, cfg: Config, env: dict) -> None:
     """submission.json in the challenge's format."""
     final = report.get("final") or {}
@@ -266,10 +295,8 @@ def write_submission(run_dir: Path, report: dict, cfg: Config, env: dict) -> Non
     sub = {
         "author": "golfbench",
         "github_id": "golfbench",
-        "name": f"golfbench rebuild of PR #1523 ({cfg.model_preset} preset)",
-        "blurb": "SP8192 + triple depth recurrence + parameter banking + fused MLP + Muon 0.97 + parallel "
-        "residuals + score-first TTT with eval-time hash embedding + SDClip GPTQ int6 + Brotli "
-        "(golfbench train.py)",
+        "name": f"golfbench rebuild of PR #1523 ({report.get('preset', cfg.model_preset)} preset)",
+        "blurb": describe_run(report, cfg) + " (golfbench train.py)",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "track": "10min_16mb",
         "val_loss": final.get("val_loss"),

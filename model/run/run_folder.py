@@ -6,12 +6,16 @@
 - --resume runs/<id>/ckpt/step_N continues run <id> in its own folder (without --run-id, or with that
   id): leftover temporary files of interrupted writes are removed, and metrics.jsonl is cut back to the
   checkpoint's step, so that the steps after it are not there twice; train.log keeps growing.
-- The folder is locked (flock on .lock) while a run uses it: a second process is refused.
+- The folder is locked (flock on .lock) while a run uses it: a second process is refused. The lock file
+  is removed when the process ends (normally, by an error or Ctrl-C; a killed process leaves it, and
+  then it locks nothing: the lock is the flock, not the file), so a finished run's folder holds none.
 - A run refused by the start-up checks writes nothing: a new folder is made only once they pass.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import fcntl
 import json
 import os
@@ -101,17 +105,25 @@ class RunFolder:
     def __init__(self, run_dir: Path, continuing: bool):
         self.run_dir, self.continuing = run_dir, continuing
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(run_dir / LOCK, "a")  # noqa: SIM115 (held until the process ends)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
+        self._lock = _lock(run_dir / LOCK)
+        if self._lock is None:
             raise SystemExit(
                 f"{run_dir} is in use by another train.py process (it holds {run_dir / LOCK}); wait for "
                 "it to end, or pick another --run-id"
-            ) from None
+            )
+        atexit.register(self.release)
         if not continuing and holds_a_run(run_dir):  # another process made it since choose()
+            self.release()
             raise SystemExit(f"{run_dir} already holds a run; pick another --run-id")
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock: the folder of a finished run keeps no .lock (idempotent)."""
+        if self._lock is None or self._lock.closed:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir / LOCK).unlink()  # still holding it: no other process can take it meanwhile
+        self._lock.close()
+        atexit.unregister(self.release)
 
     def resume_at(self, step: int) -> tuple[list[str], list[dict]]:
         """Tidy a continued run's folder before it resumes at ``step``: remove the temporaries of
@@ -124,6 +136,26 @@ class RunFolder:
         if dropped:
             notes.append(f"metrics.jsonl cut back to step {step}: {dropped} record(s) after it removed")
         return notes, kept
+
+
+def _lock(path: Path):
+    """The open lock file, flock'ed, or None when another process holds it. A process that ends removes
+    the file while holding it, so a lock taken on a file that is no longer ``path`` is stale: try again."""
+    for _ in range(5):
+        fh = open(path, "a")  # noqa: SIM115 (held until release() or the process ends)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:  # removed by the run that just ended
+            same = False
+        if same:
+            return fh
+        fh.close()
+    raise SystemExit(f"{path}: could not be locked (it keeps being replaced); is another train.py starting?")
 
 
 def cut_metrics(path: Path, step: int) -> tuple[list[dict], int]:

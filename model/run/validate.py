@@ -38,7 +38,7 @@ from ..config import GPTConfig
 from ..data import RunData, ShardError, check_token_ids, load_run_data, read_shard_header
 from ..data.shards import describe_files
 from ..gpt import GPT
-from ..run_config import Config, batch_layout, config_for_run, model_config, unknown_env_warnings
+from ..run_config import Config, batch_layout, config_for_run, model_config, run_preset, unknown_env_warnings
 from . import checkpoint
 from .report import Logger
 from .run_folder import RunFolder, choose, default_run_id
@@ -58,6 +58,7 @@ class Startup:
     resume: Path | None
     meta: dict | None  # the checkpoint's meta.json (resume, or eval-only of a checkpoint)
     forced: list[str]  # what --force resumed past (config or code differences)
+    preset: str  # the preset the run stands for (of what it evaluates or resumes: run_config.run_preset)
 
 
 def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
@@ -66,6 +67,7 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     for warning in unknown_env_warnings():
         log(f"WARNING: {warning}")
     cfg = config_for_run(args.preset, cli, cli_model, eval_only, meta)
+    preset = run_preset(args.preset, eval_only, meta)
     try:
         mcfg = model_config(cfg, pd.device)
     except ValueError as exc:
@@ -78,7 +80,7 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     decision, folder = None, None
     if pd.main:  # rank 0 looks at the folder (and locks a continued run's); every rank gets its answer
         try:
-            decision = choose(args.out_dir, args.run_id, default_run_id(args.preset, cfg.seed), resume)
+            decision = choose(args.out_dir, args.run_id, default_run_id(preset, cfg.seed), resume)
             if decision[2]:  # its log exists: what goes wrong from here on lands in it too
                 folder = RunFolder(decision[1], continuing=True)
                 log.attach(decision[1])
@@ -119,7 +121,7 @@ def startup(args, cli: dict, cli_model: dict, pd: Dist, log: Logger) -> Startup:
     folder = _on_every_rank(pd, open_folder)  # a refusal on rank 0 (folder taken) stops every rank
     seconds = time.perf_counter() - t0
     log(f"start-up checks passed in {seconds:.2f} s (config, paths, memory, run folder, data, byte tables)")
-    return Startup(cfg, mcfg, data, run_id, run_dir, folder, eval_only, resume, meta, forced)
+    return Startup(cfg, mcfg, data, run_id, run_dir, folder, eval_only, resume, meta, forced, preset)
 
 
 def check_resumable(resume: Path, meta: dict, cfg: Config, pd: Dist, accum: int, force: bool) -> list[str]:

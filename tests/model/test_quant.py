@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -226,7 +229,17 @@ def test_corrupt_or_truncated_artifact_names_the_file(model_and_hessians, tmp_pa
     flipped[len(flipped) // 3 + 1] ^= 0x55
     bad2 = tmp_path / "flipped.ptz"
     bad2.write_bytes(bytes(flipped))
-    with pytest.raises(quant.ArtifactError, match="flipped.ptz"):
+    with pytest.raises(quant.ArtifactError, match="flipped.ptz") as exc:
+        quant.read_artifact(bad2)
+    # the fix is a command to run, not a function to call: train its run again, or rebuild from a checkpoint
+    assert "write it again: python train.py --preset record (trains its run again" in str(exc.value)
+    assert "save_artifact" not in str(exc.value)
+    (tmp_path / "config.json").write_text(json.dumps({"preset": "tiny", "config": {}}))
+    with pytest.raises(quant.ArtifactError, match="python train.py --preset tiny"):
+        quant.read_artifact(bad2)
+    (tmp_path / "ckpt" / "step_000060").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step_000060" / "meta.json").write_text("{}")
+    with pytest.raises(quant.ArtifactError, match=re.escape(f"--eval-only {tmp_path}/ckpt/step_000060")):
         quant.read_artifact(bad2)
     with pytest.raises(FileNotFoundError, match="missing.ptz"):
         quant.read_artifact(tmp_path / "missing.ptz")
