@@ -57,9 +57,11 @@ FA4 = (
     "torch-c-dlpack-ext==0.1.5",
 )
 LIGER = ("liger-kernel==0.8.5",)
-BROTLI = ("brotli==1.2.1",)
+# The base dependencies the GPU image lacks: brotli (artifacts) and python-minifier (train.py builds the
+# shipped program to count its code bytes, model/run/shipped_code.py).
+BROTLI = ("brotli==1.2.1", "python-minifier==3.4.0")
 # What --check imports (the GPU image has the rest: torch, triton, cuda-bindings, einops, protobuf).
-IMPORTS = ("brotli", "liger_kernel", "cutlass", "flash_attn.cute")
+IMPORTS = ("brotli", "python_minifier", "liger_kernel", "cutlass", "flash_attn.cute")
 
 PART_MB = 45.0  # one call: ~9 MB of working tree + a part (+ the other wheels in the second) < 64 MiB
 PIECE_MB = 4.0  # the smaller, the closer a part ends to PART_MB
