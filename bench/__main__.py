@@ -21,14 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from bench import harness
-from bench.env import collect_env, format_env, out_folder_arg, output_folder
-from bench.registry import SUITES
+# Only what the parser needs is imported here: torch, the harness and the suites take seconds to import,
+# and `--help` or a mistyped flag must answer at once. Each command imports what it runs.
+from bench.env import out_folder_arg
 
 
 def cmd_env(args) -> int:
+    import torch
+
+    from bench import harness
+    from bench.env import collect_env, format_env
+
     env = collect_env()
     if args.measure_ceilings:
         if torch.cuda.is_available():
@@ -48,20 +51,22 @@ def cmd_env(args) -> int:
 
 
 def _load_suites(names: list[str]) -> list[str] | None:
-    import bench.suites  # noqa: F401  (registers every suite)
+    from bench.registry import suite_modules
 
-    if not names:
-        return sorted(SUITES)
-    unknown = [n for n in names if n not in SUITES]
+    known = suite_modules()  # a suite is named like its module: an unknown name is refused before any import
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(
-            f"bench run: unknown suite(s) {unknown}; registered: {', '.join(sorted(SUITES))}", file=sys.stderr
-        )
+        print(f"bench run: unknown suite(s) {unknown}; registered: {', '.join(known)}", file=sys.stderr)
         return None
-    return names
+    import bench.suites  # noqa: F401  (registers every suite)
+    from bench.registry import SUITES
+
+    return names or sorted(SUITES)
 
 
 def _explain_no_gpu(names: list[str], quick: bool, reason: str) -> None:
+    from bench import harness
+
     print(f"bench run: no CUDA GPU ({reason}): NOTHING WAS TIMED and no results were written.")
     print("Skipped (suite: cases -> why):")
     for suite, cases, error in harness.build_cases(names, quick):
@@ -91,6 +96,10 @@ def cmd_run(args) -> int:
     names = _load_suites(args.suites)
     if names is None:
         return 2
+    from bench import harness
+    from bench.env import collect_env, output_folder
+    from bench.registry import SUITES
+
     providers = set(args.providers.split(",")) if args.providers else None
     env = collect_env()
     if not env["cuda_available"] and not args.dry_run:
@@ -199,11 +208,11 @@ def cmd_gate(args) -> int:
 
 def cmd_compare(args) -> int:
     if args.revs:
-        from bench.revs import run_revs
-
         names = _load_suites(args.args)
         if names is None:
             return 2
+        from bench.revs import run_revs
+
         return run_revs(
             *args.revs,
             args.args,  # as given: an empty list runs every suite each revision has
@@ -243,6 +252,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_parity(args) -> int:
+    from bench.env import output_folder
     from bench.parity import run_parity
 
     out = Path(args.out) if args.out else output_folder("parity", f"{args.revs[0]}-{args.revs[1]}")
@@ -255,6 +265,8 @@ def cmd_parity(args) -> int:
 
 
 def cmd_check(args) -> int:
+    import torch
+
     from model.run.preflight import check_kernels, format_table
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -296,7 +308,7 @@ def _confidence(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.gate import BASELINES_DIR, DEFAULT_THRESHOLD_PCT
+    from bench.noise import BASELINES_DIR, DEFAULT_THRESHOLD_PCT
 
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

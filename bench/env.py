@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `python -m bench --help` must not wait for it
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +106,8 @@ def triton_version() -> str | None:
 
 
 def gpu_name() -> str | None:
+    import torch
+
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
@@ -115,6 +119,8 @@ def gpu_slug(name: str) -> str:
 
 def collect_env() -> dict:
     """Everything that makes a timing reproducible, as a JSON-able dict."""
+    import torch
+
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -155,6 +161,8 @@ def collect_env() -> dict:
 
 def run_environment(device: torch.device, world_size: int) -> dict:
     """The environment header of a train.py run (train.log, config.json, report.json)."""
+    import torch
+
     git = git_info()
     return {
         "python": platform.python_version(),

@@ -33,7 +33,6 @@ import math
 from pathlib import Path
 
 from bench.env import REPO_ROOT, gpu_slug
-from model.atomic import atomic_write
 
 # Allowed slowdown of a median before the gate fails / compare says "slower", in percent, where no
 # threshold was derived for the GPU. Set from the noise floor measured on the H100 on 2026-11-24: two
@@ -176,6 +175,8 @@ def derive(
 
 
 def write_thresholds(data: dict, baselines: str | Path = BASELINES_DIR) -> Path:
+    from model.atomic import atomic_write  # model/ imports torch: not at `bench --help`
+
     path = threshold_path(data["gpu"], baselines)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w") as fh:

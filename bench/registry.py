@@ -18,8 +18,10 @@ branch needs no bump either.
 
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def needs_cuda() -> str | None:
@@ -86,6 +88,12 @@ class Suite:
 
 
 SUITES: dict[str, Suite] = {}
+
+
+def suite_modules() -> list[str]:
+    """The suites' names without importing them (torch, kernels): each suite is registered under the name
+    of its module in bench/suites/ (checked by tests/bench/test_bench_cli.py)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "suites")]))
 
 
 def register(name: str, description: str, version: str = "1"):

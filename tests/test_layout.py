@@ -42,3 +42,18 @@ def test_repository_copy_wins_over_a_same_named_package(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert Path(out).resolve().is_relative_to(ROOT), out
+
+
+def test_the_pins_agree_pyproject_ci_and_readme():
+    """`pip install .` and CI install the same Triton and numpy (Triton 3.9 came with `pip install .` while
+    CI pinned 3.6), the test extra does not install numpy a second time (it downgraded it), and the README
+    names the Triton the kernels are tested with."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {req.split("<")[0].split(">")[0].split("=")[0].strip(): req for req in project["dependencies"]}
+    ci = (ROOT / ".ci" / "run").read_text()
+    for name in ("triton", "numpy"):
+        assert f'"{pins[name]}"' in ci, (name, pins[name])  # .ci/run installs exactly pyproject's pin
+    extra = " ".join(project["optional-dependencies"]["test"])
+    assert "numpy" not in extra and "triton" not in extra, extra
+    assert pins["triton"] == "triton>=3.6,<3.7" and "Triton 3.6" in (ROOT / "README.md").read_text()

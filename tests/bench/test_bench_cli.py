@@ -72,3 +72,31 @@ def test_quick_mode_runs_fewer_cases_and_a_smaller_record_model():
         (case,) = SUITES[name].cases(True)
         assert case.params["layers"] == 3 and case.params["seq_len"] == 2048 and "L=3" in case.label
         assert {c.params["layers"] for c in SUITES[name].cases(False)} == {11}
+
+
+def test_help_and_argument_errors_answer_without_importing_torch():
+    """`python -m bench --help` or a mistyped flag or suite must answer at once (~0.3 s), not after the
+    seconds torch, the kernels and the suites take to import (7 s before)."""
+    script = (
+        "import sys\n"
+        "from bench.__main__ import main\n"
+        "for argv in (['--help'], ['run', '--help'], ['run', '--bogus'], ['run', 'no-such-suite'],\n"
+        "             ['compare', '--revs', 'A', 'B', 'no-such-suite'], ['gate', '--threshold', 'x'],\n"
+        "             ['compare', 'a.json', 'b.json', '--confidence', '2'], ['dist', '--nproc', '1']):\n"
+        "    try:\n"
+        "        rc = main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        rc = exc.code\n"
+        "    assert rc not in (0, None) or argv[-1] == '--help', argv\n"
+        "heavy = sorted(m for m in ('torch', 'triton', 'numpy', 'model', 'kernels') if m in sys.modules)\n"
+        "print('imported:', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("imported: []"), proc.stdout[-2000:]
+
+
+def test_every_suite_is_registered_under_its_module_name():
+    from bench.registry import suite_modules
+
+    assert suite_modules() == sorted(SUITES)  # what `bench run NAME` checks before importing anything
