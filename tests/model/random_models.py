@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from model.config import get_config
+from model.config import KERNEL_IMPL_FIELDS, get_config
 from model.gpt import GPT
 
 
@@ -15,7 +15,7 @@ def random_gpt(seed: int = 0, looping: bool = False, **config) -> GPT:
     matters (at init the model predicts ~uniformly). Reference kernels, so CPU tests stay fast; `config`
     overrides GPTConfig fields."""
     torch.manual_seed(seed)
-    m = GPT(get_config("tiny", **{"mlp_impl": "torch", "ce_impl": "torch", **config}))
+    m = GPT(get_config("tiny", **{**dict.fromkeys(KERNEL_IMPL_FIELDS, "torch"), **config}))
     with torch.no_grad():
         for p in m.parameters():
             if p.ndim >= 2:
