@@ -15,7 +15,7 @@ Ops and what the Liger provider does to match the record's math:
                 RMSNorm takes a weight: a ones vector is passed (its backward also reduces dW over
                 the rows, work the record does not need). in_place=False: Liger's default writes dX
                 into the incoming gradient, which a timing loop reuses.
-  rotary        the record's partial rotate-half RoPE (kernels.qk_norm_rope.apply_rotary: the first rope_dims
+  rotary        the record's partial rotate-half RoPE (kernels.qk_rope.apply_rotary: the first rope_dims
                 of each head; tables from model.gpt.Rotary). Liger's rope takes rotary_dim and leaves the
                 other dims untouched, so no slice or cat is needed: it reads and writes only the rotated
                 rope_dims of each head, in place (the reference reads all head_dim and writes a new
@@ -205,13 +205,13 @@ def rotary_inputs(batch, seq_len, heads, kv_heads, head_dim, rope_dims, dtype, m
 
 
 def rotary_ref(q, k, cos, sin):
-    from kernels.qk_norm_rope import apply_rotary
+    from kernels.qk_rope import apply_rotary
 
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def rotary_check(fn, batch, seq_len, heads, kv_heads, head_dim, rope_dims, dtype, mode) -> Callable[[], dict]:
-    """fn(q, k, cos, sin) -> (q', k') against kernels.qk_norm_rope.apply_rotary in fp32 (and in `dtype`)."""
+    """fn(q, k, cos, sin) -> (q', k') against kernels.qk_rope.apply_rotary in fp32 (and in `dtype`)."""
     rows = max(1, min(batch, CHECK_ROWS // seq_len))
     args = (rows, seq_len, heads, kv_heads, head_dim, rope_dims, dtype, mode)
     make = lambda: rotary_inputs(*args, seed=1)  # noqa: E731

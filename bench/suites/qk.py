@@ -1,4 +1,4 @@
-"""q/k head RMSNorm + partial RoPE + gain (kernels/qk_norm_rope.py) at the record's attention shapes.
+"""q/k head RMSNorm + partial RoPE + gain (kernels/qk_rope.py) at the record's attention shapes.
 
 q (48, 2048, 8, 64) with the per-head gain and k (48, 2048, 4, 64) without, bf16, RoPE on the first 16
 of 64 dims with fp32 tables, as the model calls it 2 x 88 times per training step. Providers:
@@ -28,7 +28,7 @@ def _tables():
 
 
 def _fn(provider: str):
-    from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+    from kernels.qk_rope import qk_norm_rope, qk_norm_rope_ref
 
     if provider == "eager":
         return qk_norm_rope_ref
@@ -55,7 +55,7 @@ def _setup(tensor: str, mode: str, provider: str):
 
 def _accuracy(tensor: str, provider: str):
     def check() -> dict:
-        from kernels.qk_norm_rope import qk_norm_rope_ref
+        from kernels.qk_rope import qk_norm_rope_ref
 
         heads, has_gain = TENSORS[tensor]
         x = torch.randn(4, SEQ_LEN, heads, HEAD_DIM, device="cuda").to(torch.bfloat16)

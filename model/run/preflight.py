@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from kernels import _runtime, mlp
 from kernels.cross_entropy import softcapped_cross_entropy, softcapped_cross_entropy_ref
-from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.qk_rope import qk_norm_rope, qk_norm_rope_ref
 from kernels.residual_norm import residual_rms_norm, residual_rms_norm_ref
 from kernels.xsa import exclusive_self_attention, exclusive_self_attention_ref
 

@@ -13,7 +13,7 @@ import bench.suites  # noqa: F401  (registers the suites)
 from bench import field
 from bench.registry import SUITES
 from kernels.cross_entropy import softcapped_cross_entropy
-from kernels.qk_norm_rope import apply_rotary
+from kernels.qk_rope import apply_rotary
 from model.gpt import rms_norm
 
 BF16 = torch.bfloat16
@@ -121,7 +121,7 @@ def test_checks_use_at_most_check_rows(on_cpu, monkeypatch):
 @pytest.mark.skipif(not LIGER, reason="liger-kernel is not installed")
 def test_liger_rope_wrapper_is_the_records_rotary(on_cpu):
     """Under the Triton interpreter (fp32): Liger's in-place rope with -sin over the first rope_dims is
-    exactly kernels.qk_norm_rope.apply_rotary, forward and backward."""
+    exactly kernels.qk_rope.apply_rotary, forward and backward."""
     got = field.rotary_check(field._liger_rotary_fn(16), 2, 24, 8, 4, 64, 16, torch.float32, "fwd+bwd")()
     assert max(got["rel_err"].values()) < 1e-6, got
 

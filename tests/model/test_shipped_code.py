@@ -26,9 +26,9 @@ from model.run import shipped_code as sc
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_BYTES = 30_000  # issue #22: the shipped program's code bytes (the record's: 20,555)
-# The budget today's program must stay within: 35,874 bytes (Python 3.11) once the q/k, residual-norm and
+# The budget today's program must stay within: 36,359 bytes (Python 3.11) once the q/k, residual-norm and
 # XSA kernels and the FA4 backend ship, over the target by ~6 KB (issue #22 stays open until it is met).
-BUDGET_BYTES = 36_500
+BUDGET_BYTES = 37_000
 
 
 def _write(root: Path, files: dict[str, str]) -> None:
@@ -192,7 +192,7 @@ def test_the_repository_program():
         assert gone not in "".join(records.values()), gone  # train.py's checks and test hooks
 
 
-@pytest.mark.xfail(strict=True, reason="issue #22: 35,874 bytes with the new kernels; target 30,000")
+@pytest.mark.xfail(strict=True, reason="issue #22: 36,359 bytes with the new kernels; target 30,000")
 def test_the_repository_program_meets_the_target():
     """Visible until it is met: an XPASS (strict) fails this test, the sign to drop the mark."""
     assert sc.build()[1]["code_bytes"] <= TARGET_BYTES

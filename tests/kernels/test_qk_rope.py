@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernels import _runtime
-from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.qk_rope import qk_norm_rope, qk_norm_rope_ref
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3}
 
