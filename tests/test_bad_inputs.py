@@ -470,7 +470,7 @@ def test_row13_a_run_folder_in_use_is_refused(tmp_path):
 LOCK_SCRIPT = """
 import sys
 from pathlib import Path
-from model import run_folder
+from model.run import run_folder
 folder = run_folder.RunFolder(Path(sys.argv[1]), continuing=False)
 print("locked", flush=True)
 if sys.argv[2] == "error":
