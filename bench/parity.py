@@ -16,7 +16,7 @@ run stays before both (constant LR; looping off) unless --looped turns the recur
 from __future__ import annotations
 
 import json
-import os
+import math
 import subprocess
 import sys
 import tempfile
@@ -50,6 +50,10 @@ def verdict(a: list[float], b: list[float], tol: float = TOL) -> dict:
 def run_parity(rev_a: str, rev_b: str, *, steps: int = 30, looped: bool = False, preset: str = "record",
                out: Path, tol: float = TOL, extra_env: dict | None = None, repo: Path = REPO_ROOT,
                say=print) -> int:  # fmt: skip
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"--tol must be a finite number >= 0, got {tol}")
     shas = {"A": resolve(repo, rev_a), "B": resolve(repo, rev_b)}
     out = Path(out).resolve()
     env_run = {"ITERATIONS": str(steps), "SEED": "1337", "WARMUP_STEPS": "1", "VAL_LOSS_EVERY": "0"}
@@ -84,7 +88,3 @@ def run_parity(rev_a: str, rev_b: str, *, steps: int = 30, looped: bool = False,
     say(f"{'PASS' if result['pass'] else 'FAIL'}: max |loss_B - loss_A| = {result['max_abs_diff']:.5f} "
         f"over {result['steps']} steps (tol {tol}); {out / 'parity.json'}")  # fmt: skip
     return 0 if result["pass"] else 1
-
-
-if __name__ == "__main__":  # pragma: no cover - use `python -m bench parity`
-    sys.exit(run_parity(*sys.argv[1:3], out=Path(os.environ.get("OUT", "runs/bench/parity"))))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import kernels
 
-from .config import GPTConfig
+from .config import KERNEL_IMPL_FIELDS, GPTConfig
 
 Observer = Callable[[tuple, torch.Tensor], None]
 
@@ -141,8 +141,8 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(d, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(d, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))).float())
-        # The kernel of each family (GPTConfig.*_impl); plain strings, constants to torch.compile.
-        self.impl = {f: getattr(config, f"{f}_impl") for f in ("attn", "mlp", "qk", "norm", "xsa")}
+        # Each family's kernel ("mlp", "qk", ..., "attn": GPTConfig.*_impl), a constant to torch.compile.
+        self.impl = {f.removesuffix("_impl"): getattr(config, f) for f in (*KERNEL_IMPL_FIELDS, "attn_impl")}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, xsa={self.use_xsa}, ln_scale={self.ln_scale_factor:.4f}"

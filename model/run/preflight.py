@@ -169,6 +169,30 @@ def _check_ce(shape: dict, dtype, device, timed: bool) -> list[dict]:
     ]  # fmt: skip
 
 
+def _fused_check(family, run, fwd, ours, ref, inputs, n_out, dtype, device, timed: bool) -> list[dict]:
+    """The fwd and bwd rows of one fused kernel against its reference. run(fn, *inputs) -> [outputs...,
+    gradients...] on fresh leaves with fixed output gradients (the first n_out are outputs); fwd(fn) is
+    the forward alone on `inputs`, for timing. Errors against the reference in fp32 and limits from it
+    in the inputs' dtype; a part's error is its worst tensor's; bwd times are of forward + backward."""
+    with _runtime.poisoned_outputs():
+        got = run(ours, *inputs)
+    truth, same = run(ref, *(t.float() for t in inputs)), run(ref, *inputs)
+    ref_c = _compiled(ref, device) if timed else None
+    times = {
+        "fwd": (lambda: fwd(ours), lambda: fwd(ref_c)),
+        "bwd": (lambda: run(ours, *inputs), lambda: run(ref_c, *inputs)),
+    }
+    rows = []
+    for part, sl in (("fwd", slice(0, n_out)), ("bwd", slice(n_out, None))):
+        error = max(_rel(a, r) for a, r in zip(got[sl], truth[sl]))
+        same_error = max(_rel(a, r) for a, r in zip(same[sl], truth[sl]))
+        written = not any(t.isnan().any() for t in got[sl])
+        ms, ref_ms = (_median_ms(f, device) for f in times[part]) if timed else (None, None)
+        rows.append(_verdict(f"{family}_{part}", error, _limit(same_error, dtype), written, ms, ref_ms,
+                             same_dtype_error=same_error))  # fmt: skip
+    return rows
+
+
 def _check_qk(shape: dict, dtype, device, timed: bool) -> list[dict]:
     b, t, h, d, p = (shape[k] for k in "BTHDP")
     x = torch.randn(b, t, h, d, device=device).to(dtype)
@@ -177,35 +201,14 @@ def _check_qk(shape: dict, dtype, device, timed: bool) -> list[dict]:
     gain = torch.rand(h, device=device) + 4.5  # q_gain's scale (init 5.0)
     g = torch.randn(b, t, h, d, device=device).to(dtype)
 
-    def out_grads(fn, xx, gg):
+    def run(fn, xx, gg):
         xx, gg = xx.detach().requires_grad_(), gg.detach().requires_grad_()
         out = fn(xx, cos, sin, gg)
-        return (out.detach(), *torch.autograd.grad(out, (xx, gg), g.to(out.dtype)))
+        return [out.detach(), *torch.autograd.grad(out, (xx, gg), g.to(out.dtype))]
 
     ours = lambda *a: qk_norm_rope(*a, impl="triton")  # noqa: E731
-    with _runtime.poisoned_outputs():
-        out, dx, dgain = out_grads(ours, x, gain)
-    ref = out_grads(qk_norm_rope_ref, x.float(), gain)
-    same = out_grads(qk_norm_rope_ref, x, gain)
-    fwd_err, fwd_same = _rel(out, ref[0]), _rel(same[0], ref[0])
-    bwd_err = max(_rel(dx, ref[1]), _rel(dgain, ref[2]))
-    bwd_same = max(_rel(same[1], ref[1]), _rel(same[2], ref[2]))
-    ms = ref_ms = bwd_ms = bwd_ref_ms = None
-    if timed:
-        ref_c = _compiled(qk_norm_rope_ref, device)
-        ms, ref_ms = (
-            _median_ms(lambda: ours(x, cos, sin, gain), device),
-            _median_ms(lambda: ref_c(x, cos, sin, gain), device),
-        )
-        xg, gg = x.detach().requires_grad_(), gain.detach().requires_grad_()
-        bwd_ms = _median_ms(lambda: torch.autograd.grad(ours(xg, cos, sin, gg), (xg, gg), g), device)
-        bwd_ref_ms = _median_ms(lambda: torch.autograd.grad(ref_c(xg, cos, sin, gg), (xg, gg), g), device)
-    return [
-        _verdict("qk_fwd", fwd_err, _limit(fwd_same, dtype), not out.isnan().any(), ms, ref_ms,
-                 same_dtype_error=fwd_same),
-        _verdict("qk_bwd", bwd_err, _limit(bwd_same, dtype), not (dx.isnan().any() or dgain.isnan().any()),
-                 bwd_ms, bwd_ref_ms, same_dtype_error=bwd_same),
-    ]  # fmt: skip
+    fwd = lambda fn: fn(x, cos, sin, gain)  # noqa: E731
+    return _fused_check("qk", run, fwd, ours, qk_norm_rope_ref, (x, gain), 1, dtype, device, timed)
 
 
 def _check_norm(shape: dict, dtype, device, timed: bool) -> list[dict]:
@@ -215,36 +218,18 @@ def _check_norm(shape: dict, dtype, device, timed: bool) -> list[dict]:
     g_h, g_n = (torch.randn(m, d, device=device).to(dtype) for _ in range(2))
     scale = 1 / 3**0.5  # a layer's ln_scale
 
-    def out_grads(fn, a, b):
+    def run(fn, a, b):
         leaves = [a.detach().requires_grad_(), b.detach().requires_grad_(), mix.detach().requires_grad_()]
         h, n = fn((leaves[0], leaves[1]), (leaves[2][0], leaves[2][1]), scale)
-        grads = torch.autograd.grad((h, n), leaves, (g_h.to(h.dtype), g_n.to(n.dtype)))
-        return [h.detach(), n.detach()], list(grads)
+        return [
+            h.detach(),
+            n.detach(),
+            *torch.autograd.grad((h, n), leaves, (g_h.to(h.dtype), g_n.to(n.dtype))),
+        ]
 
     ours = lambda *a: residual_rms_norm(*a, impl="triton")  # noqa: E731
-    with _runtime.poisoned_outputs():
-        outs, grads = out_grads(ours, x, x0)
-    ref_outs, ref_grads = out_grads(residual_rms_norm_ref, x.float(), x0.float())
-    same_outs, same_grads = out_grads(residual_rms_norm_ref, x, x0)
-    worst = lambda got, ref: max(_rel(a, r) for a, r in zip(got, ref))  # noqa: E731
-    written = lambda ts: not any(t.isnan().any() for t in ts)  # noqa: E731
-    ms = ref_ms = bwd_ms = bwd_ref_ms = None
-    if timed:
-        ref_c = _compiled(residual_rms_norm_ref, device)
-        w = (mix[0], mix[1])
-        ms, ref_ms = (
-            _median_ms(lambda: ours((x, x0), w, scale), device),
-            _median_ms(lambda: ref_c((x, x0), w, scale), device),
-        )
-        bwd_ms = _median_ms(lambda: out_grads(ours, x, x0), device)
-        bwd_ref_ms = _median_ms(lambda: out_grads(ref_c, x, x0), device)
-    fwd_same, bwd_same = worst(same_outs, ref_outs), worst(same_grads, ref_grads)
-    return [
-        _verdict("norm_fwd", worst(outs, ref_outs), _limit(fwd_same, dtype), written(outs), ms, ref_ms,
-                 same_dtype_error=fwd_same),
-        _verdict("norm_bwd", worst(grads, ref_grads), _limit(bwd_same, dtype), written(grads), bwd_ms,
-                 bwd_ref_ms, same_dtype_error=bwd_same),
-    ]  # fmt: skip
+    fwd = lambda fn: fn((x, x0), (mix[0], mix[1]), scale)  # noqa: E731
+    return _fused_check("norm", run, fwd, ours, residual_rms_norm_ref, (x, x0), 2, dtype, device, timed)
 
 
 def _check_xsa(shape: dict, dtype, device, timed: bool) -> list[dict]:
@@ -253,29 +238,14 @@ def _check_xsa(shape: dict, dtype, device, timed: bool) -> list[dict]:
     v = torch.randn(b, t, h // 2, d, device=device).to(dtype)  # the record's 2 query heads per kv head
     g = torch.randn(b, t, h, d, device=device).to(dtype)
 
-    def out_grads(fn, yy, vv):
+    def run(fn, yy, vv):
         yy, vv = yy.detach().requires_grad_(), vv.detach().requires_grad_()
         out = fn(yy, vv)
         return [out.detach(), *torch.autograd.grad(out, (yy, vv), g.to(out.dtype))]
 
     ours = lambda *a: exclusive_self_attention(*a, impl="triton")  # noqa: E731
-    with _runtime.poisoned_outputs():
-        got = out_grads(ours, y, v)
-    ref = out_grads(exclusive_self_attention_ref, y.float(), v.float())
-    same = out_grads(exclusive_self_attention_ref, y, v)
-    fwd_same, bwd_same = _rel(same[0], ref[0]), max(_rel(a, r) for a, r in zip(same[1:], ref[1:]))
-    ms = ref_ms = bwd_ms = bwd_ref_ms = None
-    if timed:
-        ref_c = _compiled(exclusive_self_attention_ref, device)
-        ms, ref_ms = _median_ms(lambda: ours(y, v), device), _median_ms(lambda: ref_c(y, v), device)
-        bwd_ms = _median_ms(lambda: out_grads(ours, y, v), device)
-        bwd_ref_ms = _median_ms(lambda: out_grads(ref_c, y, v), device)
-    return [
-        _verdict("xsa_fwd", _rel(got[0], ref[0]), _limit(fwd_same, dtype), not got[0].isnan().any(), ms,
-                 ref_ms, same_dtype_error=fwd_same),
-        _verdict("xsa_bwd", max(_rel(a, r) for a, r in zip(got[1:], ref[1:])), _limit(bwd_same, dtype),
-                 not any(a.isnan().any() for a in got[1:]), bwd_ms, bwd_ref_ms, same_dtype_error=bwd_same),
-    ]  # fmt: skip
+    fwd = lambda fn: fn(y, v)  # noqa: E731
+    return _fused_check("xsa", run, fwd, ours, exclusive_self_attention_ref, (y, v), 1, dtype, device, timed)
 
 
 def _check_muon(device: torch.device, timed: bool) -> dict:

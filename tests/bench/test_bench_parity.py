@@ -39,3 +39,13 @@ def test_one_revision_against_itself_is_the_same_curve(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "parity.json").read_text())
     assert result["pass"] and result["steps"] == 2 and result["max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("flags, named", [(["--steps", "0"], "--steps"), (["--tol", "nan"], "--tol")])
+def test_bad_arguments_are_refused_before_any_run(tmp_path, flags, named):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "parity", "--revs", "HEAD", "HEAD", "--out", str(tmp_path), *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing run, nothing written
